@@ -1,0 +1,1 @@
+"""Ray Job entrypoints, one per stage, plus the submission client."""

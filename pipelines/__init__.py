@@ -1,0 +1,1 @@
+"""Ray + MLflow composition of the ``vistr`` library (preprocess, train, tune, evaluate, registry)."""

@@ -1,0 +1,1 @@
+"""YouTube-VIS data: annotation reader, clip sampling, transforms, video IO, synthetic generator."""
