@@ -46,7 +46,8 @@ class ModelConfig:
     pre_norm: bool = False
     num_frames: int = 36  # T
     num_slots: int = 10  # n: instance sequences per clip
-    # Largest raw category id; logits are num_classes + 1 wide with no-object last (FACTS.md §a).
+    # Largest raw category id + 1 (official: 41 for YouTube-VIS ids 1..40). Logits are
+    # num_classes + 1 wide: raw ids used unmapped, index 0 unused, no-object last (FACTS.md §a).
     num_classes: int = 41
     aux_loss: bool = True
     # Table 1 ablation switches.
@@ -54,6 +55,13 @@ class ModelConfig:
     position_encoding: bool = True
     mask_features: Literal["transformer", "cnn"] = "transformer"
     mask_head: Literal["3d", "2d"] = "3d"
+    # Mask-head widths [lay2, lay3, lay4, DCN output]; None = the official d/2, d/4, d/8, d/16
+    # (192, 96, 48, 24 at d=384). GroupNorm groups are gcd(8, width) (gcd(4, width) in the 3-D head):
+    # exactly the official GN(8, .) / GN(4, 12) at d=384, yet valid for small d, where d/16 = 6 would
+    # break GroupNorm(8, .) and a 3-channel 3-D head would be too thin (tiny_cpu sets wider dims).
+    mask_dims: list[int] | None = None
+    # Hidden width of the 3-D instance-sequence head; None = half the DCN output (official 12).
+    seq_head_dim: int | None = None
 
     @property
     def num_queries(self) -> int:
@@ -79,6 +87,13 @@ class ModelConfig:
                 raise ConfigError(f"{source}: model.{key} must be >= 1, got {getattr(self, key)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{source}: model.dropout must be in [0, 1), got {self.dropout}")
+        if self.mask_dims is not None and (len(self.mask_dims) != 4 or min(self.mask_dims) < 1):
+            raise ConfigError(
+                f"{source}: model.mask_dims={self.mask_dims} must be 4 positive widths "
+                "[lay2, lay3, lay4, dcn_out], or null for the official d/2, d/4, d/8, d/16"
+            )
+        if self.seq_head_dim is not None and self.seq_head_dim < 1:
+            raise ConfigError(f"{source}: model.seq_head_dim must be >= 1 or null, got {self.seq_head_dim}")
 
 
 @dataclass
