@@ -1,0 +1,74 @@
+"""Clip postprocess against a hand-computed example (FACTS.md §e)."""
+
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from vistr.inference import clip_tracks, select_tracks, tracks_to_results
+
+# 3 slots, 4 frames, classes {0,1,2} + no-object. Rows: per frame, probabilities of (0, 1, 2, none).
+SLOT0 = [[0.1, 0.6, 0.2, 0.1], [0.1, 0.2, 0.5, 0.2], [0.0002, 0.0005, 0.0001, 0.9992], [0.1, 0.2, 0.6, 0.1]]
+SLOT1 = [[0.0, 0.1, 0.8, 0.1], [0.0, 0.7, 0.2, 0.1], [0.0, 0.9, 0.05, 0.05], [0.0, 0.1, 0.6, 0.3]]
+SLOT2 = [[0.25, 0.25, 0.25, 0.25]] * 4
+
+
+def _outputs() -> tuple[torch.Tensor, torch.Tensor]:
+    probs = torch.tensor([SLOT0, SLOT1, SLOT2], dtype=torch.float64)  # [n, T, C+1]
+    logits = probs.clamp_min(1e-12).log().permute(1, 0, 2).reshape(12, 4)  # q = t*n + slot
+    masks = torch.full((4, 3, 2, 2), -10.0)
+    masks[:, 0] = 10.0  # slot 0: everywhere
+    masks[:, 1, :, 0] = 10.0  # slot 1: left column
+    masks[1, 1] = -10.0  # ... except frame 1, where it is empty
+    # slot 2: empty in every frame -> skipped
+    return logits, masks.reshape(12, 2, 2)
+
+
+def test_scores_categories_and_null_frames_by_hand() -> None:
+    logits, masks = _outputs()
+    tracks = clip_tracks(logits, masks, num_slots=3, orig_size=(4, 6))
+    assert len(tracks) == 2  # slot 2 had no foreground pixel in any frame
+    t0, t1 = tracks
+    # slot 0: per-frame best = 0.6 (1), 0.5 (2), 0.0005 (1), 0.6 (2) -> mean 0.425; votes 1,2,1,2 tie -> 1
+    assert t0.score == pytest.approx((0.6 + 0.5 + 0.0005 + 0.6) / 4)
+    assert t0.category_id == 1
+    # slot 1: best = 0.8 (2), 0.7 (1), 0.9 (1), 0.6 (2) -> tie again -> 1; mean 0.75
+    assert t1.score == pytest.approx(0.75)
+    assert t1.category_id == 1
+
+    results = tracks_to_results(tracks, video_id=7)
+    assert [r["video_id"] for r in results] == [7, 7]
+    segs0 = results[0]["segmentations"]
+    assert segs0[2] is None  # frame score 0.0005 < 0.001
+    full = mask_utils.decode(segs0[0])
+    assert full.shape == (4, 6) and full.all()
+    segs1 = results[1]["segmentations"]
+    left = mask_utils.decode(segs1[0]).astype(bool)
+    assert left[:, :3].all() and not left[:, 3:].any()  # column 0 of 2 upsamples to the left half
+    # an empty frame of a kept slot is still an RLE (of zeros), as in the official code
+    assert segs1[1] is not None and mask_utils.area(segs1[1]) == 0
+    assert isinstance(segs1[0]["counts"], str)
+
+
+def test_length_truncates_cycled_frames() -> None:
+    logits, masks = _outputs()
+    tracks = clip_tracks(logits, masks, num_slots=3, orig_size=(4, 6), length=2)
+    assert all(t.masks.shape[0] == 2 for t in tracks)
+    assert tracks[0].score == pytest.approx((0.6 + 0.5) / 2)
+    assert tracks[0].category_id == 1  # votes 1, 2 -> tie -> smaller id
+
+
+def test_padding_is_cropped_before_upsampling() -> None:
+    # real content 4x4 padded to 4x8: mask logits [2,4]; the right half of the logits is padding
+    logits = torch.zeros(2, 3)
+    masks = torch.full((2, 2, 4), -10.0)
+    masks[:, :, :2] = 10.0
+    (track,) = clip_tracks(logits, masks, num_slots=1, orig_size=(8, 8), valid_size=(4, 4), padded_size=(4, 8))
+    assert track.masks.all()  # without the crop, the right half would be empty
+
+
+def test_select_tracks_threshold_and_top_k() -> None:
+    logits, masks = _outputs()
+    tracks = clip_tracks(logits, masks, num_slots=3, orig_size=(4, 6))
+    assert [round(t.score, 4) for t in select_tracks(tracks, top_k=1)] == [0.75]
+    assert select_tracks(tracks, score_threshold=0.5) == [tracks[1]]
+    assert select_tracks(tracks) == [tracks[1], tracks[0]]  # nothing dropped, best score first
