@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("vistr.data.synthetic", "generate a synthetic YouTube-VIS-format dataset"),
     "evaluate-results": ("vistr.evaluation", "video AP/AR of a results JSON against ground truth"),
+    "preprocess": ("pipelines.preprocess", "YouTube-VIS -> versioned Parquet clip shards (Ray Data)"),
 }
 
 
