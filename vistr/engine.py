@@ -11,6 +11,7 @@ A batch is a dict ``{"frames": [B,T,3,H,W], "pad_mask": [B,T,H,W] | None, "targe
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -86,9 +87,9 @@ def _to_floats(terms: dict[str, torch.Tensor]) -> dict[str, float]:
 def _check_finite(loss: torch.Tensor, terms: dict[str, torch.Tensor], batch: dict, where: str) -> None:
     if torch.isfinite(loss):
         return
-    bad = {k: float(v) for k, v in terms.items() if not torch.isfinite(v)}
+    bad = {k: v for k, v in _to_floats(terms).items() if not math.isfinite(v)}
     raise NonFiniteLossError(
-        f"non-finite loss {float(loss)} at {where} on videos {_video_ids(batch)}; non-finite terms: {bad}. "
+        f"non-finite loss {float(loss.detach())} at {where} on videos {_video_ids(batch)}; non-finite terms: {bad}. "
         "Lower the learning rate, check these videos' annotations, or resume from the last checkpoint."
     )
 
