@@ -3,16 +3,20 @@
 Cases: ``paper_r50`` at 300×540 (T=36, the paper's test size), the same model at 64×96 (the size
 of the official reference outputs) and ``tiny_cpu``. Each case runs in its own process so its
 peak RSS is its own. fp32, ``torch.inference_mode()``, random weights (speed does not depend on
-weight values; the DCN offsets are made non-zero so its sampling is exercised like a trained model's).
+weight values; the DCN offsets are made non-zero so its sampling is exercised like a trained
+model's), timed on ``optimize_for_inference(model)`` (folded FrozenBN, channels-last backbone).
 
 Per component (forward hooks): backbone (+ input_proj), transformer encoder, decoder, mask
 branch (attention map + mask head, DCN included) and the 3-D instance-sequence head; the DCN
 alone is timed by wrapping ``deform_conv2d``. FLOPs come from ``FlopCounterMode`` on a separate
 pass (it needs autograd-free parameters; see ``count_flops``) plus the DCN's analytic count, which
 the counter cannot see: conv 2·Cin·k²·Cout·Ho·Wo·N plus bilinear sampling 7·Cin·k²·Ho·Wo·N.
+These are the FLOPs the model executes: the mask head's split ``lay1`` does 8.4x fewer than the
+official concatenated one (see ``MaskHeadSmallConv._lay1``).
 
-Also times our CPU DCN against ``torchvision.ops.deform_conv2d`` on one chunk of frames at the
-300×540 mask-head shape ([20, 48, 75, 135] → 24 channels).
+Also times our CPU DCN against ``torchvision.ops.deform_conv2d``, forward and forward+backward,
+on one chunk of frames at the 300×540 mask-head shape ([20, 48, 75, 135] → 24 channels) and at
+the tiny_cpu training shape ([48, 16, 16, 22] → 16).
 
 Run: ``python -m benchmarks.forward [--cases tiny_cpu,paper_r50@64x96,paper_r50@300x540]``.
 """
@@ -37,6 +41,7 @@ from benchmarks.common import peak_rss_mb, print_table, run_isolated, write_resu
 from vistr.config import load_config
 from vistr.models import build_model
 from vistr.models.deform_conv import deform_conv2d
+from vistr.models.inference_opt import optimize_for_inference
 
 # Official code's forward time on a 2-core CPU of this kind with torchvision's CPU DCN (issue 2).
 OFFICIAL_SECONDS = {"paper_r50@300x540": 87.0, "paper_r50@64x96": 2.8}
@@ -159,6 +164,7 @@ def measure_case(case: str, repeats: int) -> dict[str, Any]:
     torch.manual_seed(0)
     model = build_model(cfg.model, train_backbone=False).eval()
     torch.nn.init.normal_(model.mask_head.conv_offset.weight, std=0.05)  # non-zero offsets, as when trained
+    model = optimize_for_inference(model)  # folded FrozenBN, channels-last backbone
     clip = torch.randn(frames, 3, h, w)
 
     timer = ComponentTimer(model)
@@ -219,51 +225,90 @@ def measure_case(case: str, repeats: int) -> dict[str, Any]:
     }
 
 
-def dcn_standalone(items: int = 20, repeats: int = 2) -> list[dict[str, Any]]:
-    """Our DCN vs torchvision's on [items, 48, 75, 135] (the 300×540 mask-head input), fp32.
+DCN_SHAPES = {  # name -> (input [N, Cin, H, W], Cout)
+    "300x540 chunk": ((20, 48, 75, 135), 24),  # 2 frames x 10 slots of the 300x540 mask head
+    "tiny_cpu": ((48, 16, 16, 22), 16),  # tiny_cpu training: 2 clips x 6 frames x 4 slots, 64x88 crops
+}
+
+
+def dcn_standalone(repeats: int = 2) -> list[dict[str, Any]]:
+    """Our DCN vs torchvision's, forward and forward+backward (all four gradients), fp32.
 
     Timed with the default thread count and with one thread: single-threaded CPU time is the
-    comparison that survives a busy shared machine.
+    comparison that survives a busy shared machine. torchvision is timed once per row (it is
+    the slow baseline; its backward alone takes ~10 s on the 300x540 chunk).
     """
     threads = torch.get_num_threads()
+    rows = []
     try:
-        return [row for n in dict.fromkeys((threads, 1)) for row in _dcn_standalone_at(n, items, repeats)]
+        for n in dict.fromkeys((threads, 1)):
+            torch.set_num_threads(n)
+            for name, (shape, cout) in DCN_SHAPES.items():
+                rows += _dcn_rows(name, shape, cout, repeats)
     finally:
         torch.set_num_threads(threads)
+    return rows
 
 
-def _dcn_standalone_at(threads: int, items: int, repeats: int) -> list[dict[str, Any]]:
-    torch.set_num_threads(threads)
+def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
+    """(best wall s, best CPU s, last result) over ``repeats`` calls."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        wall0, cpu0 = _clocks()
+        result = fn()
+        wall, cpu = _clocks()
+        walls.append(wall - wall0)
+        cpus.append(cpu - cpu0)
+    return min(walls), min(cpus), result
+
+
+def _dcn_rows(name: str, shape: tuple[int, ...], cout: int, repeats: int) -> list[dict[str, Any]]:
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(items, 48, 75, 135, generator=g)
-    offset = torch.randn(items, 18, 75, 135, generator=g) * 2
-    weight = torch.randn(24, 48, 3, 3, generator=g) * 0.05
-    rows = []
-    with torch.inference_mode():
-        ref = tv_deform_conv2d(x, offset, weight, padding=1)
-        for name, fn in (("ours", deform_conv2d), ("torchvision", tv_deform_conv2d)):
-            times, cpu_times = [], []
-            for _ in range(repeats):
-                wall0, cpu0 = _clocks()
-                out = fn(x, offset, weight, padding=1)
-                wall, cpu = _clocks()
-                times.append(wall - wall0)
-                cpu_times.append(cpu - cpu0)
-            flops = dcn_flops(x, weight, out)
+    x = torch.randn(*shape, generator=g)
+    offset = torch.randn(shape[0], 18, *shape[2:], generator=g) * 2
+    weight = torch.randn(cout, shape[1], 3, 3, generator=g) * 0.05
+    upstream = torch.randn(shape[0], cout, *shape[2:], generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, offset, weight)]
+
+    def forward(fn: Callable) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                return fn(x, offset, weight, padding=1)
+
+        return run
+
+    def train_step(fn: Callable) -> Callable[[], list[torch.Tensor]]:
+        def run() -> list[torch.Tensor]:
+            out = fn(*leaves, padding=1)
+            return [out.detach(), *torch.autograd.grad(out, leaves, upstream)]
+
+        return run
+
+    rows, results = [], {}
+    fwd_flops = dcn_flops(x, weight, upstream)
+    for mode, make, flop_factor in (("forward", forward, 1), ("forward+backward", train_step, 3)):
+        for impl, fn, reps in (("ours", deform_conv2d, repeats), ("torchvision", tv_deform_conv2d, 1)):
+            wall, cpu, out = _timed(make(fn), reps)
+            results[(mode, impl)] = out
+            gflop = flop_factor * fwd_flops / 1e9  # backward ~2x forward (input and weight/offset)
             rows.append(
                 {
-                    "impl": name,
-                    "threads": threads,
-                    "shape": f"[{items},48,75,135]->24",
-                    "seconds": min(times),
-                    "cpu_seconds": min(cpu_times),
-                    "gflop": flops / 1e9,
-                    "gflops_per_s": flops / 1e9 / min(times),
-                    "gflops_per_cpu_s": flops / 1e9 / min(cpu_times),
+                    "shape": f"{name} [{','.join(map(str, shape))}]->{cout}",
+                    "mode": mode,
+                    "impl": impl,
+                    "threads": torch.get_num_threads(),
+                    "seconds": wall,
+                    "cpu_seconds": cpu,
+                    "gflops_per_cpu_s": gflop / cpu,
                     "loadavg_1min": os.getloadavg()[0],
-                    "rel_err_vs_torchvision": ((out - ref).norm() / ref.norm()).item(),
                 }
             )
+        ours, ref = results[(mode, "ours")], results[(mode, "torchvision")]
+        pairs = [(ours, ref)] if mode == "forward" else list(zip(ours, ref, strict=True))
+        rel = max(((a - b).norm() / b.norm()).item() for a, b in pairs)
+        for row in rows[-2:]:
+            row["speedup_vs_torchvision_cpu"] = rows[-1]["cpu_seconds"] / row["cpu_seconds"]
+            row["max_rel_err_vs_torchvision"] = rel  # output and, for training, all gradients
     return rows
 
 
@@ -273,21 +318,39 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per case below 300x540")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure one case, print JSON
     parser.add_argument("--skip-dcn", action="store_true", help="skip the standalone DCN comparison")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads (default: torch's). With 1 the CPU time hardly depends on other tenants; "
+        "results then go to forward_threads1.json",
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(measure_case(args.worker, args.repeats)))
         return
 
-    results: dict[str, Any] = {"cases": [], "dcn_300x540": []}
+    results: dict[str, Any] = {"cases": [], "dcn": []}
     for case in args.cases.split(","):
         _, h, _ = parse_case(case)
         repeats = 1 if (h or 0) >= 300 else args.repeats  # a 300×540 forward takes tens of seconds
         results["cases"].append(
-            run_isolated("benchmarks.forward", ["--worker", case, "--repeats", str(repeats)])
+            run_isolated(
+                "benchmarks.forward",
+                [
+                    "--worker",
+                    case,
+                    "--repeats",
+                    str(repeats),
+                    *(["--threads", str(args.threads)] if args.threads else []),
+                ],
+            )
         )
     if not args.skip_dcn:
-        results["dcn_300x540"] = dcn_standalone()
-    path = write_results("forward", results, {"dtype": "float32", "mode": "torch.inference_mode"})
+        results["dcn"] = dcn_standalone()
+    name = f"forward_threads{args.threads}" if args.threads else "forward"
+    path = write_results(name, results, {"dtype": "float32", "mode": "torch.inference_mode"})
 
     print_table(
         "VisTR forward (fp32, inference_mode)",
@@ -317,8 +380,8 @@ def main() -> None:
                 for k, v in r["components"].items()
             ],
         )
-    if results["dcn_300x540"]:
-        print_table("DCN at the 300x540 mask-head shape", results["dcn_300x540"])
+    if results["dcn"]:
+        print_table("DCN: ours vs torchvision (fp32)", results["dcn"])
     print(f"\nwrote {path}")
 
 

@@ -142,7 +142,15 @@ def train_one_epoch(
         else:
             loss.backward()
         if clip_max_norm > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+            norm = nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+            # A finite loss can still have NaN/Inf gradients; stop before they reach the weights.
+            # (With an fp16 grad scaler, inf gradients are expected: the scaler skips that step.)
+            if scaler is None and not torch.isfinite(norm):
+                raise NonFiniteLossError(
+                    f"non-finite gradient norm at epoch {epoch} step {stats.global_step} on videos "
+                    f"{_video_ids(batch)} (loss {float(loss.detach()):.4g}); the weights were not updated. "
+                    "Lower the learning rate or resume from the last checkpoint."
+                )
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()

@@ -1,6 +1,9 @@
-"""The CPU deformable convolution must equal torchvision's (the official kernel's twin, FACTS.md §f)."""
+"""The CPU deformable convolution must compute the official DCN v1: forward equal to torchvision's
+(numerically the official kernel, FACTS.md §f), gradients equal to the official kernel's formulas."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -91,51 +94,118 @@ def test_bias_is_added() -> None:
 
 
 def test_batch_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A chunk budget smaller than one item still runs item by item and gives the same result."""
+    """Any split of the batch into sampling groups and table sub-chunks gives the same result,
+    including a budget smaller than one item (item by item) and uneven last chunks."""
     x, offset, weight, kw = _case(7, torch.float64, n=5)
     want = tv_deform_conv2d(x, offset, weight, **kw)
-    for budget in (1, 3 * 2 * 9 * 4 * 99 * 8):  # one item per chunk; about two items per chunk
+    table = 11 * 13 * (5 + 9 * 4) * 8  # bytes per item: padded 9x11 input, Cin + K·Cout columns
+    rows = 9 * 11 * 9 * 4 * (4 + 8)  # bytes per item: 4·K int32 rows + float64 weights per position
+    # items per (table sub-chunk, sampling group) = (1, 1), (1, 2), (2, 2), (3, 3), (5, 5)
+    for budget in (1, 2 * rows, 2 * table, 4 * rows, 10**9):
         monkeypatch.setattr(dc, "CHUNK_BYTES", budget)
         assert _rel(deform_conv2d(x, offset, weight, **kw), want) <= 1e-10
 
 
-def _grads(fn, tensors: list[torch.Tensor], needs_grad: list[bool], upstream: torch.Tensor, kw: dict) -> list:
-    leaves = [t.clone().requires_grad_(flag) for t, flag in zip(tensors, needs_grad, strict=True)]
+def _grads(fn, tensors: list[torch.Tensor], upstream: torch.Tensor, kw: dict) -> tuple[list, torch.Tensor]:
+    leaves = [t.clone().requires_grad_(True) for t in tensors]
     out = fn(*leaves, **kw)
-    out.backward(upstream)
-    return [t.grad for t in leaves], out
+    return list(torch.autograd.grad(out, leaves, upstream)), out
 
 
-def test_input_weight_bias_gradients_match_torchvision(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fast path (offset without grad): autograd through it equals torchvision's backward."""
+def _official_offset_grad(
+    x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, upstream: torch.Tensor, kw: dict
+) -> torch.Tensor:
+    """Brute-force transliteration of detectron2's ``deformable_col2im_coord`` + ``get_coordinate_weight``
+    (the official DCN's offset gradient), one output position and tap at a time."""
+    n, _, h, w = x.shape
+    _, _, kh, kwid = weight.shape
+    s, p, d = kw["stride"], kw["padding"], kw["dilation"]
+    col = torch.einsum("oikl,nohw->niklhw", weight, upstream)  # [n, cin, kh, kw, ho, wo]
+    grad = torch.zeros_like(offset)
+    ho, wo = offset.shape[2:]
+
+    def pixel(img: torch.Tensor, yy: int, xx: int) -> torch.Tensor:
+        return img[:, yy, xx] if 0 <= yy < h and 0 <= xx < w else torch.zeros(img.shape[0], dtype=img.dtype)
+
+    for b in range(n):
+        for i in range(kh):
+            for j in range(kwid):
+                t = i * kwid + j
+                for oy in range(ho):
+                    for ox in range(wo):
+                        y = (oy * s - p + i * d) + offset[b, 2 * t, oy, ox].item()
+                        xx = (ox * s - p + j * d) + offset[b, 2 * t + 1, oy, ox].item()
+                        if y <= -1 or y >= h or xx <= -1 or xx >= w:
+                            continue  # get_coordinate_weight returns 0
+                        y0, x0 = math.floor(y), math.floor(xx)
+                        v00, v01 = pixel(x[b], y0, x0), pixel(x[b], y0, x0 + 1)
+                        v10, v11 = pixel(x[b], y0 + 1, x0), pixel(x[b], y0 + 1, x0 + 1)
+                        dy_w = (x0 + 1 - xx) * (v10 - v00) + (xx - x0) * (v11 - v01)
+                        dx_w = (y0 + 1 - y) * (v01 - v00) + (y - y0) * (v11 - v10)
+                        c = col[b, :, i, j, oy, ox]
+                        grad[b, 2 * t, oy, ox] = (dy_w * c).sum()
+                        grad[b, 2 * t + 1, oy, ox] = (dx_w * c).sum()
+    return grad
+
+
+def _on_minus_one(offset: torch.Tensor, kernel: tuple[int, int], kw: dict) -> torch.Tensor:
+    """[N, 2K, Ho, Wo] mask of the samples whose row or column is exactly −1 (both channels of the tap)."""
+    n, _, ho, wo = offset.shape
+    kh, kwid = kernel
+    s, p, d = kw["stride"], kw["padding"], kw["dilation"]
+    ty = torch.arange(kh).repeat_interleave(kwid).view(1, -1, 1, 1) * d
+    tx = torch.arange(kwid).repeat(kh).view(1, -1, 1, 1) * d
+    y = torch.arange(ho).view(1, 1, -1, 1) * s - p + ty + offset[:, 0::2]
+    x = torch.arange(wo).view(1, 1, 1, -1) * s - p + tx + offset[:, 1::2]
+    hit = (y == -1) | (x == -1)
+    return hit.repeat_interleave(2, dim=1)
+
+
+GRAD_CASES = {
+    "zero offsets (initialization)": ({}, lambda o: torch.zeros_like(o)),
+    "integer offsets": ({"offset_scale": 3.0}, torch.round),
+    "half-integer offsets": ({"offset_scale": 3.0}, lambda o: torch.round(o) + 0.5),
+    "random offsets": ({"offset_scale": 1.5}, lambda o: o),
+    "strided dilated, integer": (
+        {"stride": 2, "padding": 2, "dilation": 2, "offset_scale": 2.0},
+        torch.round,
+    ),
+    "far outside": ({"offset_scale": 12.0}, lambda o: o),
+}
+
+
+@pytest.mark.parametrize("name", list(GRAD_CASES))
+def test_all_gradients_match_the_official_kernel(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Input, offset, weight and bias gradients in float64, including samples exactly on pixels
+    (a kink of bilinear sampling: the official kernel takes the right-sided derivative) and on
+    the −1 / H / W limits. Input/weight/bias: equal to torchvision's. Offset: equal to a
+    brute-force official formula everywhere, and to torchvision's except exactly on row/column
+    −1, where torchvision omits the official range check (and is non-zero at init)."""
     monkeypatch.setattr(dc, "CHUNK_BYTES", 1)  # gradients must also flow through the chunk concat
-    x, offset, weight, kw = _case(8, torch.float64, n=2, stride=2, padding=2, dilation=2, offset_scale=1.5)
+    cfg, make_offset = GRAD_CASES[name]
+    x, offset, weight, kw = _case(13, torch.float64, hw=(5, 6), **cfg)
+    offset = make_offset(offset)
     bias = torch.randn(weight.shape[0], dtype=torch.float64)
     upstream = torch.randn_like(tv_deform_conv2d(x, offset, weight, bias, **kw))
-    needs = [True, False, True, True]
-    ours, out = _grads(deform_conv2d, [x, offset, weight, bias], needs, upstream, kw)
+    ours, out = _grads(deform_conv2d, [x, offset, weight, bias], upstream, kw)
     assert "deform" not in type(out.grad_fn).__name__.lower()  # really the vectorized path
-    ref, _ = _grads(tv_deform_conv2d, [x, offset, weight, bias], needs, upstream, kw)
-    for name, a, b in zip(("input", "weight", "bias"), *(g[:1] + g[2:] for g in (ours, ref)), strict=True):
-        assert _rel(a, b) <= 1e-9, name
+    ref, _ = _grads(tv_deform_conv2d, [x, offset, weight, bias], upstream, kw)
+    for label, a, b in zip(("input", "weight", "bias"), ours[:1] + ours[2:], ref[:1] + ref[2:], strict=True):
+        assert _rel(a, b) <= 1e-10, label
+    official = _official_offset_grad(x, offset, weight, upstream, kw)
+    assert official.abs().max() > 0
+    assert _rel(ours[1], official) <= 1e-10
+    edge = _on_minus_one(offset, weight.shape[2:], kw)
+    assert torch.equal(ours[1][edge], torch.zeros_like(ours[1][edge]))
+    assert _rel(ours[1][~edge], ref[1][~edge]) <= 1e-10
+    if name.startswith("zero"):  # every first-row/column tap sits on −1 at initialization
+        assert edge.any() and (ref[1][edge] != 0).any()
 
 
-def test_offset_gradient_is_torchvision_s_even_at_integer_positions() -> None:
-    """Zero offsets (the initial state) put every sample on a pixel, a kink of bilinear sampling;
-    the offset gradient there must be the official one-sided derivative, bit for bit."""
-    x, offset, weight, kw = _case(12, torch.float64)
-    for off in (torch.zeros_like(offset), offset.round()):
-        upstream = torch.randn_like(tv_deform_conv2d(x, off, weight, **kw))
-        ours, _ = _grads(deform_conv2d, [x, off, weight], [True] * 3, upstream, kw)
-        ref, _ = _grads(tv_deform_conv2d, [x, off, weight], [True] * 3, upstream, kw)
-        for a, b in zip(ours, ref, strict=True):
-            assert torch.equal(a, b)
-
-
-def test_gradcheck_fast_path() -> None:
+def test_gradcheck() -> None:
     x, offset, weight, kw = _case(9, torch.float64, n=1, cin=2, cout=2, hw=(4, 5), offset_scale=0.7)
-    inputs = (x.requires_grad_(), weight.requires_grad_())
-    assert torch.autograd.gradcheck(lambda a, c: deform_conv2d(a, offset, c, **kw), inputs)
+    inputs = (x.requires_grad_(), offset.requires_grad_(), weight.requires_grad_())
+    assert torch.autograd.gradcheck(lambda a, b, c: deform_conv2d(a, b, c, **kw), inputs)
 
 
 def test_unsupported_configs_fall_back_to_torchvision() -> None:
@@ -177,3 +247,16 @@ def test_bad_bias_and_hyperparameters_raise() -> None:
         deform_conv2d(x, offset, weight, torch.zeros(3), **kw)
     with pytest.raises(ValueError, match="stride"):
         deform_conv2d(x, offset, weight, stride=(1, 1), padding=1)
+
+
+def test_non_finite_offsets_give_nan_outputs_not_a_crash() -> None:
+    """A diverged model's NaN/Inf offsets must surface as NaN in the loss (the engine stops there)."""
+    x, w = torch.randn(2, 8, 6, 7), torch.randn(4, 8, 3, 3)
+    offset = torch.zeros(2, 18, 6, 7)
+    offset[0, 3, 2, 2] = float("nan")
+    offset[1, 5, 1, 1] = float("inf")
+    out = deform_conv2d(x, offset, w, padding=1)
+    assert out[0, :, 2, 2].isnan().all() and out[1, :, 1, 1].isnan().all()
+    finite = torch.ones_like(out, dtype=torch.bool)
+    finite[0, :, 2, 2] = finite[1, :, 1, 1] = False
+    assert out[finite].isfinite().all()

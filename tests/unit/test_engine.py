@@ -122,3 +122,21 @@ def test_nan_loss_stops_with_video_ids() -> None:
                         before_step=lambda s: None)
     before = [p.detach().clone() for p in model.parameters()]
     assert all(torch.isfinite(p).all() for p in before)  # the poisoned step never touched the weights
+
+
+class SqrtOfNothing(nn.Module):
+    """A finite (zero) loss with NaN gradients: the unselected branch of ``where`` is sqrt(x < 0)."""
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict:
+        shifted = outputs["y"] - 1e6
+        loss = torch.where(shifted > 0, torch.sqrt(shifted), torch.zeros_like(shifted)).sum()
+        return {"loss": loss}
+
+
+def test_nan_gradient_with_finite_loss_stops_before_the_update() -> None:
+    model = Toy()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(NonFiniteLossError, match=r"gradient norm at epoch 0 step 0 on videos \[0, 1\]"):
+        train_one_epoch(model, SqrtOfNothing(), _batches(2), opt, torch.device("cpu"), clip_max_norm=0.1)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))

@@ -101,14 +101,26 @@ class MaskHeadSmallConv(nn.Module):
         up = F.interpolate(x, size=fpn.shape[-2:], mode="nearest")
         return (fpn.unsqueeze(1) + up.view(fpn.shape[0], per_frame, *up.shape[1:])).flatten(0, 1)
 
+    def _lay1(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """``lay1(cat(x repeated per slot, attn))`` without building the concatenation.
+
+        The official head convolves the frame features again for each of the n slots. A
+        convolution is linear in its input channels, so split lay1's weight at channel d:
+        ``conv(cat(x, a)) = conv(x, W[:, :d]) + conv(a, W[:, d:])``; the first term is computed
+        once per frame and broadcast over the slots: 392/(384/10 + 8) = 8.4x fewer FLOPs for this
+        layer at d=384, n=10 (169 -> 20 GFLOP at 300×540). Same parameter; only rounding differs.
+        """
+        n, d = attn.shape[1], x.shape[1]
+        per_frame = F.conv2d(x, self.lay1.weight[:, :d], self.lay1.bias, padding=self.lay1.padding)
+        per_slot = F.conv2d(attn.flatten(0, 1), self.lay1.weight[:, d:], None, padding=self.lay1.padding)
+        return (per_frame.unsqueeze(1) + per_slot.view(x.shape[0], n, *per_slot.shape[1:])).flatten(0, 1)
+
     def forward(self, x: torch.Tensor, attn: torch.Tensor, fpns: list[torch.Tensor]) -> torch.Tensor:
         """x [N, d, h, w] per frame, attn [N, n, heads, h, w], fpns = (layer3, layer2, layer1) per frame.
 
         Returns [N·n, c5, H/4, W/4] ordered (frame, slot).
         """
-        n = attn.shape[1]
-        x = torch.cat([x.unsqueeze(1).expand(-1, n, -1, -1, -1).flatten(0, 1), attn.flatten(0, 1)], dim=1)
-        x = F.relu(self.gn1(self.lay1(x)))
+        x = F.relu(self.gn1(self._lay1(x, attn)))
         x = F.relu(self.gn2(self.lay2(x)))
         x = self._add_fpn(x, self.adapter1(fpns[0]))
         x = F.relu(self.gn3(self.lay3(x)))
@@ -150,5 +162,6 @@ def apply_sequence_head(
         return out.view(batch, -1, *out.shape[-2:])
     c, h, w = feats.shape[1:]
     seq = feats.view(batch, frames, -1, c, h, w).permute(0, 2, 3, 1, 4, 5).flatten(0, 1)  # [B·n, c, T, h, w]
-    out = head(seq)  # [B·n, 1, T, h, w]
-    return out.view(batch, -1, frames, h, w).transpose(1, 2).flatten(1, 2)
+    # Channels-last 3-D layout: oneDNN's Conv3d runs ~2x faster on it than on NCDHW (same math).
+    out = head(seq.contiguous(memory_format=torch.channels_last_3d))  # [B·n, 1, T, h, w]
+    return out.reshape(batch, -1, frames, h, w).transpose(1, 2).flatten(1, 2)
