@@ -16,6 +16,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("vistr.data.synthetic", "generate a synthetic YouTube-VIS-format dataset"),
     "evaluate-results": ("vistr.evaluation", "video AP/AR of a results JSON against ground truth"),
     "preprocess": ("pipelines.preprocess", "YouTube-VIS -> versioned Parquet clip shards (Ray Data)"),
+    "train": ("pipelines.train", "train with DDP on Ray Train from the clip shards, tracked in MLflow"),
+    "predict": ("vistr.predict", "segment a video file or frame folder: results JSON, overlay video, contact sheet"),
+    "evaluate": ("pipelines.evaluate", "video AP/AR of a model on a dataset split (Ray Data inference)"),
 }
 
 

@@ -140,6 +140,10 @@ class DataConfig:
     photometric: bool = True
     hflip_prob: float = 0.5
     num_workers: int = 2
+    # Clips each Ray Train worker holds in its shuffle buffer when reading shards (memory: this many
+    # decoded clips). Shards store a video's clips consecutively: a small buffer gives batches of
+    # near-identical clips. 0 = no shuffle beyond the random block order.
+    shuffle_buffer: int = 32
 
     def validate(self, source: str) -> None:
         if self.min_size < 1 or (self.max_size is not None and self.max_size < self.min_size):
@@ -174,12 +178,23 @@ class TrainConfig:
     # Optional cap on steps per epoch (useful for smoke runs and fixed-budget benchmarks).
     max_steps_per_epoch: int | None = None
     max_minutes: float | None = None
+    # Distributed training (`vistr train`): Ray Train workers and what each one holds.
+    num_workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    # Ray Train run storage: a local directory or any pyarrow URI (s3://, gs://, ...: shared
+    # storage on a multi-node cluster); None = <project>/runs/ray.
+    storage_path: str | None = None
 
     def validate(self, source: str) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"{source}: train.epochs and train.batch_size must be >= 1")
         if self.lr <= 0 or self.lr_backbone < 0:
             raise ConfigError(f"{source}: train.lr must be > 0 and train.lr_backbone >= 0")
+        if self.num_workers < 1 or self.gpus_per_worker < 0 or self.cpus_per_worker < 0:
+            raise ConfigError(
+                f"{source}: train.num_workers must be >= 1 and gpus_per_worker / cpus_per_worker >= 0"
+            )
 
 
 @dataclass

@@ -173,3 +173,55 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     finally:
         _stop_group(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@dataclass
+class MlflowServer:
+    """A running ``mlflow server`` (sqlite backend, local artifact root) on 127.0.0.1."""
+
+    url: str  # tracking URI for MlflowClient / tracking.tracking_uri
+    artifacts: Path = field(repr=False)  # where the server stores artifacts (--artifacts-destination)
+    log: Path = field(repr=False)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A real ``mlflow server --workers 1`` in its own process group, stopped at session end.
+
+    It spawns uvicorn, a job runner and huey consumers: the whole group is signalled, not only the
+    CLI process. The first start creates the sqlite schema (~30 s here).
+    """
+    state = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    artifacts = state / "artifacts"
+    log = state / "mlflow.log"
+    # fmt: off
+    cmd = [
+        str(Path(sys.executable).with_name("mlflow")), "server",
+        "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}", "--artifacts-destination", str(artifacts),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]
+    # fmt: on
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = MlflowServer(url=f"http://127.0.0.1:{port}", artifacts=artifacts, log=log)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{server.url}/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"mlflow server did not answer /health within {START_TIMEOUT_S:.0f} s:\n{log.read_text()[-4000:]}"
+                )
+            time.sleep(0.5)
+        yield server
+    finally:
+        _stop_group(proc)

@@ -1,0 +1,73 @@
+"""Where a model comes from: a local file, an MLflow run or a registered model version.
+
+Expected MLflow artifact layout (what the registry stage logs; anything else is refused with a
+message saying what was found):
+
+    <artifact root of the run or model version>/
+        checkpoint.pt      a vistr checkpoint (``vistr.checkpoint.save_checkpoint``: weights plus
+                           the full run config under "config") or an official VisTR file
+        ...                anything else (config.yaml, plots) is ignored
+
+``checkpoint.pt`` may sit at the root or in one sub-folder level (e.g. ``model/checkpoint.pt``,
+as ``mlflow.pyfunc`` / ``log_artifacts(dir, "model")`` place it). ``runs:/RUN_ID`` (whole run) or
+``runs:/RUN_ID/model`` and ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` are accepted.
+``mlflow`` is imported inside the functions only.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+CHECKPOINT_FILE = "checkpoint.pt"
+DEFAULT_MODEL_URI = "models:/vistr@champion"
+
+
+class ModelSourceError(ValueError):
+    """A model could not be resolved; the message says which source and what to do."""
+
+
+def is_mlflow_uri(spec: str) -> bool:
+    return spec.startswith(("runs:/", "models:/")) or "://" in spec
+
+
+def find_checkpoint(root: Path, uri: str) -> Path:
+    """``checkpoint.pt`` at ``root`` or one folder below; refuses zero or several candidates."""
+    found = sorted([*root.glob(CHECKPOINT_FILE), *root.glob(f"*/{CHECKPOINT_FILE}")])
+    if len(found) == 1:
+        return found[0]
+    listing = ", ".join(sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())[:10]) or "nothing"
+    what = "several" if found else f"no {CHECKPOINT_FILE}"
+    raise ModelSourceError(f"{uri}: {what} in the artifacts (found: {listing}); expected {CHECKPOINT_FILE} "
+                           "with the config inside (see pipelines/model_source.py)")
+
+
+def resolve_checkpoint(spec: str | None, tracking_uri: str | None = None, dst: Path | None = None) -> Path:
+    """A local checkpoint file for ``spec``: a path is returned as is; an MLflow URI is downloaded
+    (into ``dst`` or a fresh temp folder). ``None`` means the registry champion, if there is one."""
+    if spec is not None and not is_mlflow_uri(spec):
+        path = Path(spec)
+        if not path.is_file():
+            raise ModelSourceError(f"{path}: model file not found")
+        return path
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    uri = spec or DEFAULT_MODEL_URI
+    dst = Path(dst or tempfile.mkdtemp(prefix="vistr-model-"))
+    try:
+        run_id = uri[len("runs:/"):].strip("/") if uri.startswith("runs:/") else ""
+        if run_id and "/" not in run_id:  # a whole run: MLflow wants run_id= rather than a bare runs:/ID
+            root = Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(dst)))
+        else:
+            root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except Exception as exc:  # noqa: BLE001 - MLflow raises MlflowException, OSError, HTTP errors
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if spec is None:
+            raise ModelSourceError(
+                f"no --model given and {DEFAULT_MODEL_URI} is not available from the tracking server "
+                f"{mlflow.get_tracking_uri()} ({message}); pass --model CHECKPOINT or an MLflow URI"
+            ) from exc
+        raise ModelSourceError(f"{uri}: cannot download the model artifacts ({message})") from exc
+    return root if root.is_file() else find_checkpoint(root, uri)

@@ -1,0 +1,46 @@
+"""Overlays and contact sheets."""
+
+import numpy as np
+import pytest
+
+from vistr.visualize import contact_sheet, draw_overlay, sample_indices, track_colour
+
+
+def test_track_colours_are_stable_and_distinct():
+    assert track_colour(3) == track_colour(3)
+    colours = [track_colour(i) for i in range(10)]
+    assert len(set(colours)) == 10
+    # neighbouring ids differ clearly (max channel difference), so a switch is visible
+    assert min(max(abs(a - b) for a, b in zip(colours[i], colours[i + 1], strict=True)) for i in range(9)) > 40
+
+
+def test_overlay_blends_mask_pixels_only():
+    frame = np.full((60, 80, 3), 100, np.uint8)
+    mask = np.zeros((60, 80), bool)
+    mask[20:50, 10:70] = True
+    out = draw_overlay(frame, {2: mask}, labels={2: "cat 0.90"}, alpha=0.5)
+    expected = np.round(0.5 * 100 + 0.5 * np.array(track_colour(2)))
+    assert (out[45, 40] == expected).all()  # inside the mask, away from the label at its top-left corner
+    assert (out[5, 5] == 100).all() and (out[55, 75] == 100).all()  # outside: untouched
+    assert (out[20:30, 10:30] != out[45, 40]).any()  # the label was drawn at the mask's corner
+    assert (frame == 100).all()  # input not modified
+
+
+def test_overlay_without_masks_is_the_frame():
+    frame = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    assert (draw_overlay(frame, {}) == frame).all()
+    assert (draw_overlay(frame, {0: np.zeros((8, 8), bool)}, {0: "x"}) == frame).all()
+
+
+@pytest.mark.parametrize("length,count,expected", [(5, 8, [0, 1, 2, 3, 4]), (10, 4, [0, 3, 6, 9]), (7, 1, [0])])
+def test_sample_indices(length, count, expected):
+    assert sample_indices(length, count) == expected
+
+
+def test_contact_sheet_layout():
+    frames = [np.full((30, 40, 3), 10 * i, np.uint8) for i in range(6)]
+    sheet = contact_sheet(frames, captions=[str(i) for i in range(6)], columns=4, width=80)
+    assert sheet.size == (4 * 80, 2 * (60 + 14))
+    pixels = np.asarray(sheet)
+    assert (pixels[14 + 30, 80 + 40] == 10).all()  # second thumbnail, below its caption strip
+    assert (pixels[74 + 14 + 30, 80 + 40] == 50).all()  # sixth thumbnail: row 2, column 2

@@ -1,0 +1,346 @@
+"""``vistr predict``: a video file or frame folder in; results JSON, overlay video and contact sheet out.
+
+The video streams through three stages joined by bounded queues, so the model never waits:
+a thread decodes and resizes frames ahead of the model, the calling thread runs the model one
+window at a time, and a second thread postprocesses, stitches, RLE-encodes and draws/encodes
+the overlay of the frames each window finalises. Only a window of frames and one overlap of
+masks are ever held, whatever the video's length.
+
+Models come from a local checkpoint (ours or an official VisTR file, told apart by its keys) or
+an MLflow URI; MLflow lives in ``pipelines.model_source``, imported only when a URI is given,
+so this module stays pure PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vistr.checkpoint import FORMAT, CheckpointError, load_official_vistr, model_from_checkpoint
+from vistr.config import Config
+from vistr.data.video_io import VideoDecodeError, VideoWriter, iter_frames, probe
+from vistr.inference import ClipPredictor, OwnedFrames, Stitcher, plan_windows
+from vistr.visualize import contact_sheet, draw_overlay, sample_indices
+
+OFFICIAL_NUM_FRAMES = 36  # T of the released checkpoints (FACTS.md §a)
+Sink = Callable[[OwnedFrames, list[np.ndarray], Stitcher], None]
+
+
+# ---------------------------------------------------------------- models
+
+
+def _official_config(state: dict[str, torch.Tensor], num_frames: int | None, source: str) -> dict[str, Any]:
+    """ModelConfig fields of an official-layout state dict, read from its tensor shapes."""
+    def layers(kind: str) -> int:
+        prefix = f"vistr.transformer.{kind}.layers."
+        return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+
+    try:
+        queries, hidden = state["vistr.query_embed.weight"].shape
+        fields = {
+            "hidden_dim": int(hidden),
+            "enc_layers": layers("encoder"),
+            "dec_layers": layers("decoder"),
+            "dim_feedforward": int(state["vistr.transformer.decoder.layers.0.linear1.weight"].shape[0]),
+            "num_classes": int(state["vistr.class_embed.weight"].shape[0]) - 1,
+            "mask_dims": [int(state[f"mask_head.{k}.weight"].shape[0]) for k in ("lay2", "lay3", "lay4", "dcn")],
+            "seq_head_dim": int(state["insmask_head.0.weight"].shape[0]),
+        }
+    except KeyError as exc:
+        raise CheckpointError(f"{source}: official VisTR checkpoint lacks {exc.args[0]!r}") from exc
+    num_frames = num_frames or OFFICIAL_NUM_FRAMES
+    if queries % num_frames:
+        raise CheckpointError(
+            f"{source}: {queries} queries are not a multiple of T={num_frames}; pass --window T (the T it was trained with)"
+        )
+    return {**fields, "num_frames": num_frames, "num_slots": queries // num_frames}
+
+
+def load_model_file(path: str | Path, num_frames: int | None = None) -> tuple[torch.nn.Module, Config]:
+    """Our checkpoint (config inside) or an official VisTR file (config read from its shapes).
+
+    ``num_frames`` is T for an official file (its queries are n·T; default 36); for ours it
+    must match the stored config if given.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: model file not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - torch raises pickle/zip/runtime errors for bad files
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        model, cfg = model_from_checkpoint(path)
+        if num_frames is not None and num_frames != cfg.model.num_frames:
+            raise CheckpointError(
+                f"{path}: the model was built for windows of T={cfg.model.num_frames} frames; "
+                f"--window {num_frames} cannot change that (its queries are n·T)"
+            )
+        return model, cfg
+    state = payload.get("model", payload) if isinstance(payload, dict) else None
+    if not isinstance(state, dict) or "vistr.query_embed.weight" not in state:
+        raise CheckpointError(
+            f"{path}: neither a vistr checkpoint nor an official VisTR checkpoint (no 'vistr.query_embed.weight')"
+        )
+    fields = _official_config(state, num_frames, str(path))
+    model = load_official_vistr(state, backbone=None, **fields)
+    return model, Config(model=model.config)
+
+
+def load_model(spec: str | None, num_frames: int | None = None, tracking_uri: str | None = None
+               ) -> tuple[torch.nn.Module, Config, str]:
+    """(model in eval mode, config, where it came from) for a path or an MLflow URI (or None: the
+    registry's champion). Uses ``optimize_for_inference`` when the models package has it."""
+    source = spec
+    if spec is None or "://" in spec or spec.startswith(("runs:/", "models:/")):
+        from pipelines.model_source import resolve_checkpoint  # MLflow only for URIs
+
+        path = resolve_checkpoint(spec, tracking_uri=tracking_uri)
+        source = f"{spec or 'default model'} -> {path}"
+    else:
+        path = Path(spec)
+    model, cfg = load_model_file(path, num_frames)
+    try:
+        from vistr.models.inference_opt import optimize_for_inference
+    except ImportError:
+        return model, cfg, str(source)
+    return optimize_for_inference(model), cfg, str(source)
+
+
+# ---------------------------------------------------------------- streaming
+
+
+class _Stop(Exception):
+    """Raised inside a stage thread when the pipeline is being torn down."""
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+    raise _Stop
+
+
+def _offer(q: queue.Queue, item: Any, failure: list[BaseException]) -> bool:
+    """Put ``item`` as soon as there is room (a blocking put wakes at once), unless the consumer
+    has failed meanwhile; returns whether it was put."""
+    while not failure:
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _ahead(items: Iterable[Any], size: int, stop: threading.Event) -> Iterator[Any]:
+    """Iterate ``items`` in a background thread, at most ``size`` items ahead; errors re-raised here."""
+    q: queue.Queue = queue.Queue(maxsize=size)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                _put(q, item, stop)
+            _put(q, done, stop)
+        except _Stop:
+            return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            try:
+                _put(q, exc, stop)
+            except _Stop:
+                return
+
+    threading.Thread(target=produce, daemon=True, name="vistr-decode").start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def predict_stream(
+    predictor: ClipPredictor,
+    frames: Iterable[np.ndarray],
+    length: int,
+    overlap: int,
+    min_iou: float = 0.5,
+    sink: Sink | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> Stitcher:
+    """Run a ``length``-frame video through windows of the model's T frames overlapping by
+    ``overlap``; returns the finished :class:`Stitcher` (``.results(video_id)`` gives the JSON).
+
+    ``sink(owned, raw_frames, stitcher)`` receives each window's finalised frames (for overlays),
+    ``progress(n)`` the number of frames finalised, both from the postprocessing thread.
+    """
+    windows = plan_windows(length, predictor.num_frames, overlap)
+    stitcher = Stitcher(windows, min_iou=min_iou)
+    stop = threading.Event()
+    posts: queue.Queue = queue.Queue(maxsize=1)  # one window in flight behind the model
+    failure: list[BaseException] = []
+
+    def postprocess() -> None:
+        while (job := posts.get()) is not None:
+            if failure:
+                continue
+            try:
+                (start, end), outputs, size, raws = job
+                owned = stitcher.add(predictor.postprocess(outputs, end - start, size))
+                if sink is not None:
+                    sink(owned, raws[owned.first - start: owned.first - start + owned.count], stitcher)
+                if progress is not None:
+                    progress(owned.count)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+                failure.append(exc)
+
+    worker = threading.Thread(target=postprocess, daemon=True, name="vistr-post")
+    worker.start()
+    buffer: dict[int, tuple[np.ndarray | None, torch.Tensor]] = {}
+    decoded = _ahead(((f, predictor.prepare(f)) for f in frames), predictor.num_frames + 2, stop)
+    size: tuple[int, int] = (0, 0)
+    try:
+        for w, (start, end) in enumerate(windows):
+            while len(buffer) + start < end:  # buffer holds frames start.. (earlier ones dropped)
+                item = next(decoded, None)
+                if item is None:
+                    raise VideoDecodeError(f"the video ended after {start + len(buffer)} frames, {length} were expected")
+                size = item[0].shape[:2]
+                buffer[start + len(buffer)] = (item[0] if sink is not None else None, item[1])
+            outputs = predictor.forward([buffer[i][1] for i in range(start, end)])
+            raws = [buffer[i][0] for i in range(start, end)]
+            if not _offer(posts, ((start, end), outputs, size, raws), failure):
+                break
+            keep_from = windows[w + 1][0] if w + 1 < len(windows) else end
+            for i in range(start, keep_from):
+                buffer.pop(i)
+    finally:
+        stop.set()
+        posts.put(None)
+        worker.join()
+    if failure:
+        raise failure[0]
+    return stitcher
+
+
+# ---------------------------------------------------------------- outputs
+
+
+class OverlayWriter:
+    """A sink that draws each finalised frame's masks (colour per track, running label and score)
+    into an mp4 at the input's fps, and keeps a few sampled frames for the contact sheet."""
+
+    def __init__(self, path: Path, fps: float, length: int, sheet_frames: int = 8) -> None:
+        self.writer = VideoWriter(path, fps)
+        self.samples = set(sample_indices(length, sheet_frames))
+        self.sheet: list[tuple[int, np.ndarray]] = []
+
+    def __call__(self, owned: OwnedFrames, raws: list[np.ndarray], stitcher: Stitcher) -> None:
+        labels = {tid: f"#{tid} c{stitcher.tracks[tid].category_id} {stitcher.tracks[tid].score:.2f}"
+                  for tid in owned.masks}
+        for i, raw in enumerate(raws):
+            frame = draw_overlay(raw, {tid: m[i].numpy() for tid, m in owned.masks.items()}, labels)
+            self.writer.write(frame)
+            if owned.first + i in self.samples:
+                self.sheet.append((owned.first + i, frame))
+
+    def close(self, sheet_path: Path) -> None:
+        self.writer.close()
+        if self.sheet:
+            contact_sheet([f for _, f in self.sheet], [f"frame {i}" for i, _ in self.sheet]).save(sheet_path)
+
+    def abort(self) -> None:
+        """After a failure: a half-written video would look like a result, so it is removed."""
+        try:
+            self.writer.close()
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            pass
+        self.writer.path.unlink(missing_ok=True)
+
+
+def predict_video(
+    input_path: str | Path,
+    model: torch.nn.Module,
+    cfg: Config,
+    out_dir: str | Path,
+    overlap: int | None = None,
+    min_iou: float = 0.5,
+    score_threshold: float | None = None,
+    top_k: int | None = None,
+    video_id: int = 1,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Write ``results.json``, ``overlay.mp4`` and ``contact_sheet.png`` for one video into ``out_dir``."""
+    from tqdm import tqdm
+
+    info = probe(input_path)
+    if info.num_frames < 1:
+        raise VideoDecodeError(f"{input_path}: the video has no frames")
+    predictor = ClipPredictor(model, cfg, device)
+    overlap = default_overlap(predictor.num_frames) if overlap is None else overlap
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"results": out / "results.json", "overlay": out / "overlay.mp4", "sheet": out / "contact_sheet.png"}
+    overlay = OverlayWriter(paths["overlay"], info.fps, info.num_frames)
+    with tqdm(total=info.num_frames, unit="frame", desc=info.path.name, disable=not progress) as bar:
+        try:
+            stitcher = predict_stream(predictor, iter_frames(input_path), info.num_frames, overlap, min_iou,
+                                      sink=overlay, progress=bar.update)
+        except BaseException:
+            overlay.abort()
+            raise
+    overlay.close(paths["sheet"])
+    results = stitcher.results(video_id, score_threshold, top_k)
+    paths["results"].write_text(json.dumps(results))
+    return paths
+
+
+def default_overlap(num_frames: int) -> int:
+    """A sixth of the window (6 of 36 frames): enough shared frames to link instances reliably
+    at 1.2x the compute of non-overlapping windows."""
+    return max(1, num_frames // 6) if num_frames > 1 else 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="video file (mp4/mov/webm/...) or folder of frame images")
+    parser.add_argument("--model", help="checkpoint file (ours or official VisTR), runs:/RUN/... or "
+                        "models:/NAME@ALIAS (default: models:/vistr@champion from the tracking server)")
+    parser.add_argument("--out", type=Path, help="output folder (default: predictions/<input name>)")
+    parser.add_argument("--window", type=int, help="T, frames per window: the model's own T; for an "
+                        "official checkpoint, the T it was trained with (default 36)")
+    parser.add_argument("--overlap", type=int, help="frames shared by consecutive windows (default T/6)")
+    parser.add_argument("--min-iou", type=float, default=0.5, help="mask IoU needed to link windows' instances")
+    parser.add_argument("--score-threshold", type=float, help="drop tracks scoring below this")
+    parser.add_argument("--top-k", type=int, help="keep the K best-scoring tracks")
+    parser.add_argument("--video-id", type=int, default=1, help="video_id written to results.json")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tracking-uri", help="MLflow tracking server for runs:/ and models:/ URIs")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Errors a user can fix (input, model, arguments) are one line on stderr and exit code 1."""
+    try:
+        model, cfg, source = load_model(args.model, args.window, args.tracking_uri)
+        out = args.out or Path("predictions") / Path(args.input).stem
+        paths = predict_video(args.input, model, cfg, out, args.overlap, args.min_iou, args.score_threshold,
+                              args.top_k, args.video_id, args.device, not args.no_progress)
+    except (ValueError, OSError) as exc:  # VideoDecodeError, CheckpointError, ModelSourceError, ...
+        print(f"vistr predict: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"model: {source}")
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
