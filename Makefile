@@ -28,8 +28,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests/unit -q
 
+# learn.py (15 minutes of training) is run on its own: $(BIN)/python benchmarks/learn.py
 bench: $(STAMP)
-	$(BIN)/python benchmarks/forward.py
+	$(BIN)/python -m benchmarks.forward
+	$(BIN)/python -m benchmarks.evaluate
+	$(BIN)/python -m benchmarks.preprocess
+	$(BIN)/python -m benchmarks.predict
 
 lint: $(STAMP)
 	$(BIN)/ruff check vistr pipelines jobs tests benchmarks

@@ -19,19 +19,21 @@ def keep_local_ray_on_loopback() -> None:
         os.environ.setdefault(key, value)
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
+def connect(address: str | None = None, num_cpus: int | None = None, worker_logs: bool = True) -> bool:
     """Join ``address`` (or the already-initialised Ray); else start a local loopback cluster.
 
-    Returns True if this call started Ray (the caller then shuts it down).
+    Returns True if this call started Ray (the caller then shuts it down). ``worker_logs=False``
+    keeps workers' output in the session's log files instead of the console (errors still raise).
     """
+    if not address:
+        keep_local_ray_on_loopback()  # read when Ray is imported, so set it first
     import ray
 
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=worker_logs)
     else:
-        keep_local_ray_on_loopback()
         # address="local": a new cluster even if RAY_ADDRESS or a leftover local cluster exists.
-        ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus)
+        ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus, log_to_driver=worker_logs)
     return True

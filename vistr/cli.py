@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pipelines.train", "train with DDP on Ray Train from the clip shards, tracked in MLflow"),
     "predict": ("vistr.predict", "segment a video file or frame folder: results JSON, overlay video, contact sheet"),
     "evaluate": ("pipelines.evaluate", "video AP/AR of a model on a dataset split (Ray Data inference)"),
+    "demo": ("pipelines.demo", "the embedded default: synthetic data -> shards -> train -> evaluate -> predict"),
 }
 
 
