@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_convert, masks_to_boxes
+from torchvision.ops import box_convert
 
 EPS = 1e-6  # the official VisTR epsilon (FACTS.md §c)
 
@@ -63,24 +63,31 @@ def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return iou - (area_c - union + EPS) / (area_c + EPS)
 
 
-def masks_to_normalized_cxcywh(masks: Tensor) -> Tensor:
-    """``[N, H, W]`` masks → ``[N, 4]`` boxes (cx, cy, w, h) normalized by (W, H); zeros if empty.
+def mask_pixel_boxes(masks: Tensor) -> tuple[Tensor, Tensor]:
+    """Pixel-edge xyxy boxes of ``[..., H, W]`` masks and a non-empty flag (``[..., 4]``, ``[...]``).
 
     A box covers whole pixels: the last foreground pixel index + 1 is the right/bottom edge, the
-    same extent pycocotools' ``toBbox`` reports for a mask. Empty masks get the all-zero box the
-    target contract uses for absent frames.
+    same extent pycocotools' ``toBbox`` reports. Empty masks get a meaningless box and False.
     """
+    masks = masks.bool()
+    rows, cols = masks.any(-1), masks.any(-2)
+    height, width = rows.shape[-1], cols.shape[-1]
+    y0 = rows.float().argmax(-1)
+    y1 = height - rows.flip(-1).float().argmax(-1)
+    x0 = cols.float().argmax(-1)
+    x1 = width - cols.flip(-1).float().argmax(-1)
+    return torch.stack([x0, y0, x1, y1], -1).float(), rows.any(-1)
+
+
+def masks_to_normalized_cxcywh(masks: Tensor) -> Tensor:
+    """``[N, H, W]`` masks → ``[N, 4]`` boxes (cx, cy, w, h) normalized by (W, H); zeros if empty
+    (the all-zero box the target contract uses for absent frames)."""
     if masks.dim() != 3:
         raise ValueError(
             f"masks_to_normalized_cxcywh: expected [N, H, W] masks, got shape {tuple(masks.shape)}"
         )
-    masks = masks.bool()
-    n, h, w = masks.shape
-    out = torch.zeros(n, 4, dtype=torch.float32, device=masks.device)
-    present = masks.flatten(1).any(1)
-    if present.any():
-        xyxy = masks_to_boxes(masks[present]).float()
-        xyxy[:, 2:] += 1
-        xyxy /= torch.tensor([w, h, w, h], dtype=torch.float32, device=masks.device)
-        out[present] = box_convert(xyxy, in_fmt="xyxy", out_fmt="cxcywh")
-    return out
+    h, w = masks.shape[-2:]
+    xyxy, nonempty = mask_pixel_boxes(masks)
+    xyxy = xyxy / torch.tensor([w, h, w, h], dtype=torch.float32, device=masks.device)
+    cxcywh = box_convert(xyxy, in_fmt="xyxy", out_fmt="cxcywh")
+    return torch.where(nonempty[:, None], cxcywh, torch.zeros_like(cxcywh))

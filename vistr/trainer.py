@@ -14,6 +14,7 @@ the first T frames per video (cycled when shorter), postprocessed into YouTube-V
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vistr.checkpoint import load_checkpoint, save_checkpoint
+from vistr.checkpoint import load_checkpoint, load_detr_init, save_checkpoint
 from vistr.config import Config
 from vistr.data.clips import ClipDataset, collate_clips
 from vistr.engine import EpochStats, make_grad_scaler, resolve_device, train_one_epoch
@@ -76,7 +77,16 @@ def build_state(
 ) -> TrainState:
     """Model (on ``device``, then ``wrap``-ped, e.g. into DDP), loss, AdamW, step decay, scaler."""
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
-    model = build_model(cfg).to(device)
+    model = build_model(cfg)
+    if cfg.train.init_weights:  # paper §4.1: start from DETR (COCO) weights where shapes fit
+        report = load_detr_init(model, cfg.train.init_weights)
+        print(
+            f"init from {cfg.train.init_weights}: {len(report.loaded)} tensors loaded, "
+            f"{len(report.shape_mismatch)} skipped for shape ({', '.join(report.shape_mismatch[:3])}"
+            f"{', ...' if len(report.shape_mismatch) > 3 else ''}), {len(report.missing)} keep their init",
+            file=sys.stderr,
+        )
+    model = model.to(device)
     if wrap is not None:
         model = wrap(model)
     optimizer = build_optimizer(model, cfg.train)

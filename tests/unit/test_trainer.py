@@ -3,10 +3,12 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from vistr.checkpoint import load_checkpoint
 from vistr.config import load_config
-from vistr.trainer import fit
+from vistr.models import build_model
+from vistr.trainer import build_state, fit
 
 
 def test_fit_resumes_where_it_stopped(synth_root: Path, tmp_path: Path) -> None:
@@ -32,3 +34,19 @@ def test_fit_resumes_where_it_stopped(synth_root: Path, tmp_path: Path) -> None:
     # a finished run does nothing more
     done = fit(cfg.with_overrides({"train.epochs": 2}), synth_root, tmp_path)
     assert done.global_step == 4 and len(done.history) == 2
+
+
+def test_init_weights_loads_a_detr_checkpoint_where_shapes_fit(tmp_path: Path) -> None:
+    cfg = load_config("tiny_cpu", overrides={"model.enc_layers": 1, "model.dec_layers": 1})
+    torch.manual_seed(123)
+    source = build_model(cfg.with_overrides({"model.num_classes": 3}))  # class head of another width
+    state = {"detr." + k[len("vistr."):] if k.startswith("vistr.") else k: v for k, v in source.state_dict().items()}
+    torch.save({"model": state}, tmp_path / "detr.pth")
+    model = build_state(cfg.with_overrides({"train.init_weights": str(tmp_path / "detr.pth")}),
+                        torch.device("cpu")).model
+    plain = build_state(cfg, torch.device("cpu")).model
+    ours, theirs = model.state_dict(), source.state_dict()
+    assert torch.equal(ours["vistr.input_proj.weight"], theirs["vistr.input_proj.weight"])
+    assert torch.equal(ours["mask_head.lay1.weight"], theirs["mask_head.lay1.weight"])
+    # the class head did not fit: it keeps the fresh initialisation
+    assert torch.equal(ours["vistr.class_embed.weight"], plain.state_dict()["vistr.class_embed.weight"])

@@ -30,6 +30,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import query_size
 
+from vistr.box_ops import mask_pixel_boxes
 from vistr.config import DataConfig
 
 # ImageNet statistics: the official normalisation (and that of every torchvision backbone).
@@ -193,7 +194,7 @@ def _from_tv(target: dict[str, Any], masks: torch.Tensor, boxes: tv_tensors.Boun
     xyxy = torch.stack([x0.clamp(0, width), y0.clamp(0, height), x1.clamp(0, width), y1.clamp(0, height)], -1)
     # After a crop, the clamped box of a non-rectangular object is no longer tight around what is
     # left of it; the mask is the ground truth, so wherever it is non-empty the box is its box.
-    tight, nonempty = _mask_boxes(masks)
+    tight, nonempty = mask_pixel_boxes(masks)
     xyxy = torch.where(nonempty[..., None], tight, xyxy)
     x0, y0, x1, y1 = xyxy.unbind(-1)
     cxcywh = torch.stack(
@@ -205,17 +206,6 @@ def _from_tv(target: dict[str, Any], masks: torch.Tensor, boxes: tv_tensors.Boun
     out["masks"] = masks
     out["size"] = (int(height), int(width))
     return out
-
-
-def _mask_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixel-edge xyxy boxes of [..., H, W] masks (as pycocotools' toBbox) and a non-empty flag."""
-    rows, cols = masks.any(-1), masks.any(-2)
-    height, width = rows.shape[-1], cols.shape[-1]
-    y0 = rows.float().argmax(-1)
-    y1 = height - rows.flip(-1).float().argmax(-1)
-    x0 = cols.float().argmax(-1)
-    x1 = width - cols.flip(-1).float().argmax(-1)
-    return torch.stack([x0, y0, x1, y1], -1).float(), rows.any(-1)
 
 
 def build_transforms(cfg: DataConfig, train: bool, normalize: bool = True) -> ClipTransform:
