@@ -350,8 +350,15 @@ def train(
     val_ann: str | None = None,
     trace_data: bool = False,
     config_file: str | Path | None = None,
+    run_tags: dict[str, str] | None = None,
+    callbacks: list[Any] | None = None,
 ) -> TrainOutcome:
-    """Run (or resume) a Ray Train fit of ``cfg`` on the shard directory ``shards``."""
+    """Run (or resume) a Ray Train fit of ``cfg`` on the shard directory ``shards``.
+
+    ``run_tags`` go onto the MLflow run (``mlflow.parentRunId`` makes it a child of a workflow or
+    campaign run); ``callbacks`` are ``ray.train.UserCallback``s (a Tune trial passes
+    ``TuneReportCallback`` so every epoch report reaches its scheduler).
+    """
     from pipelines.shards import shard_files
     from pipelines.tracking import client_for, log_loss_curve, resolve_tracking_uri, system_info
 
@@ -386,7 +393,8 @@ def train(
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per epoch and rank floods logs
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     client = client_for(tracking_uri)
-    tags = {**system_info(t.num_workers, t.gpus_per_worker), "shards": str(shards.resolve()), "ray_run_dir": run_dir}
+    tags = {**system_info(t.num_workers, t.gpus_per_worker), "shards": str(shards.resolve()), "ray_run_dir": run_dir,
+            **(run_tags or {})}
     run_id = _mlflow_run(client, cfg, name, storage, bool(resume), tags)
     try:
         with tempfile.TemporaryDirectory() as folder:
@@ -417,6 +425,7 @@ def train(
                     checkpoint_score_order=t.checkpoint_mode,
                 ),
                 failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+                callbacks=callbacks,
             ),  # fmt: skip
         )
         try:
