@@ -1,7 +1,8 @@
 """The ``vistr`` command: one entry point, one subcommand per stage.
 
 The CLI is thin on purpose: each subcommand lives in the module that does the work, which
-exposes ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their
+exposes ``add_arguments(parser)`` and ``run(args) -> int`` (``"module#name"`` names a module holding
+several subcommands: ``add_name_arguments`` / ``run_name``). Modules are imported only when their
 subcommand runs, so ``vistr --help`` stays fast and ``vistr synth`` never imports Ray.
 """
 
@@ -19,8 +20,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pipelines.train", "train with DDP on Ray Train from the clip shards, tracked in MLflow"),
     "predict": ("vistr.predict", "segment a video file or frame folder: results JSON, overlay video, contact sheet"),
     "evaluate": ("pipelines.evaluate", "video AP/AR of a model on a dataset split (Ray Data inference)"),
+    "register": ("pipelines.registry#register", "log a training run's model to the MLflow registry as the challenger"),
+    "promote": ("pipelines.registry#promote", "evaluate challenger vs champion on one set; move the champion alias if better"),
+    "models": ("pipelines.registry#models", "registered versions: list, show VERSION|ALIAS, rollback"),
+    "workflow": ("pipelines.workflow", "preprocess -> train -> evaluate -> register -> promote on Ray, steps cached in MLflow"),
     "demo": ("pipelines.demo", "the embedded default: synthetic data -> shards -> train -> evaluate -> predict"),
 }
+
+
+def _entry(spec: str) -> tuple[object, str, str]:
+    """(module, add-arguments function name, run function name) of a COMMANDS module spec."""
+    module, _, name = spec.partition("#")
+    prefix = f"{name}_" if name else ""
+    return importlib.import_module(module), f"add_{prefix}arguments", f"run_{name}" if name else "run"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(_module=module)
         # Arguments are declared by the owning module; importing it here is cheap for vistr/
         # modules, and pipelines/ modules keep their heavy imports inside run().
-        importlib.import_module(module).add_arguments(sub)
+        owner, add, _ = _entry(module)
+        getattr(owner, add)(sub)
     return parser
 
 
@@ -45,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    return int(importlib.import_module(args._module).run(args) or 0)
+    owner, _, run = _entry(args._module)
+    return int(getattr(owner, run)(args) or 0)
 
 
 if __name__ == "__main__":

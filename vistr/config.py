@@ -265,6 +265,18 @@ class Config:
         return from_dict(data, source)
 
 
+def parse_overrides(items: list[str], source: str = "--set") -> dict[str, Any]:
+    """``["train.lr=3e-4", "model.num_frames=6"]`` (command-line ``--set``) -> dotted overrides;
+    values are read as YAML, so numbers, booleans, lists and null keep their types."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{source} {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
