@@ -8,7 +8,8 @@ message saying what was found):
                            the full run config under "config") or an official VisTR file
         ...                anything else (config.yaml, plots) is ignored
 
-``checkpoint.pt`` may sit at the root or in one sub-folder level (e.g. ``model/checkpoint.pt``,
+A registered model (``models:/``) is the pyfunc folder ``pipelines.registry`` logs; only its
+``artifacts/checkpoint.pt`` is downloaded. Elsewhere ``checkpoint.pt`` may sit at the root or in one sub-folder level (e.g. ``model/checkpoint.pt``,
 as ``mlflow.pyfunc`` / ``log_artifacts(dir, "model")`` place it). ``runs:/RUN_ID`` (whole run) or
 ``runs:/RUN_ID/model`` and ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` are accepted.
 ``mlflow`` is imported inside the functions only.
@@ -21,6 +22,7 @@ from pathlib import Path
 
 CHECKPOINT_FILE = "checkpoint.pt"
 DEFAULT_MODEL_URI = "models:/vistr@champion"
+MODEL_CHECKPOINT = f"artifacts/{CHECKPOINT_FILE}"  # inside a registered model (pipelines.registry)
 
 
 class ModelSourceError(ValueError):
@@ -58,6 +60,9 @@ def resolve_checkpoint(spec: str | None, tracking_uri: str | None = None, dst: P
     dst = Path(dst or tempfile.mkdtemp(prefix="vistr-model-"))
     try:
         run_id = uri[len("runs:/"):].strip("/") if uri.startswith("runs:/") else ""
+        if uri.startswith("models:/"):  # a registered pyfunc model: fetch the checkpoint, not the code
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{MODEL_CHECKPOINT}",
+                                                            dst_path=str(dst)))  # fmt: skip
         if run_id and "/" not in run_id:  # a whole run: MLflow wants run_id= rather than a bare runs:/ID
             root = Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(dst)))
         else:

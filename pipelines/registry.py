@@ -262,27 +262,22 @@ def evaluate_on(data_dir: str | Path, split: str, tracking_uri: str, out: Path,
 
 
 def split_annotation(data_dir: str | Path, split: str, model_name: str, client: Any) -> Path:
-    """The annotation file of ``split`` under ``data_dir``, laid out as the challenger's config says."""
+    """The annotation file of ``split`` under ``data_dir``, laid out as the candidate's config says."""
+    import mlflow
+    import yaml
+
     from pipelines.evaluate import split_rows
-    from vistr.config import from_dict
+    from vistr.config import DataConfig, from_dict
 
-    challenger = _alias_version(client, model_name, CHALLENGER) or _alias_version(client, model_name, CHAMPION)
-    data_cfg = None
-    if challenger is not None:
-        import mlflow.artifacts
-
+    candidate = _alias_version(client, model_name, CHALLENGER) or _alias_version(client, model_name, CHAMPION)
+    data_cfg = DataConfig()
+    if candidate is not None:
+        mlflow.set_tracking_uri(client.tracking_uri)  # the registry follows it
         with tempfile.TemporaryDirectory() as folder:
             path = mlflow.artifacts.download_artifacts(
-                f"models:/{model_name}/{challenger.version}/artifacts/config.yaml", dst_path=folder,
-                tracking_uri=client.tracking_uri,
-            )  # fmt: skip
-            import yaml
-
+                f"models:/{model_name}/{candidate.version}/artifacts/config.yaml", dst_path=folder
+            )
             data_cfg = from_dict(yaml.safe_load(Path(path).read_text()), path).data
-    if data_cfg is None:
-        from vistr.config import DataConfig
-
-        data_cfg = DataConfig()
     return split_rows(data_dir, split, data_cfg)[0]
 
 

@@ -212,7 +212,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
         on_log({"restored_global_step": state.global_step}, state.global_step)
 
     shard, collate = ray.train.get_dataset_shard("train"), _collate(cfg, device.type == "cuda")
-    batch_size, buffer, deadline = cfg.train.batch_size, cfg.data.shuffle_buffer, loop["deadline"]
+    batch_size, buffer = cfg.train.batch_size, cfg.data.shuffle_buffer
+    # The time budget counts from here, once the workers are up: Ray Train's start-up (~50 s on
+    # 2 CPUs) must not eat a short budget. Ranks differ by seconds; they agree on stopping.
+    deadline = None if cfg.train.max_minutes is None else time.time() + 60 * cfg.train.max_minutes
     seen: list = []
 
     def batches(epoch: int) -> AgreedBatches:
@@ -411,7 +414,6 @@ def train(
                 "config": cfg.to_dict(), "run_dir": run_dir, "tracking_uri": tracking_uri, "run_id": run_id,
                 "val": val, "trace_data": trace_data, "score_attribute": score,
                 "fail_at_step": int(fail_at) if fail_at else None,
-                "deadline": None if t.max_minutes is None else time.time() + 60 * t.max_minutes,
             },  # fmt: skip
             scaling_config=ray.train.ScalingConfig(
                 num_workers=t.num_workers, use_gpu=t.gpus_per_worker > 0,

@@ -20,6 +20,7 @@ parent records for every step whether it ran or was reused, and which run holds 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -298,6 +299,9 @@ def run_workflow(cfg: Config, data: str | Path, out: str | Path, *, address: str
                 results[step] = ray.get(refs[step])
             except ray.exceptions.RayTaskError as exc:
                 set_tags(client, p.parent_run_id, {f"step.{step}": "failed"})
+                for later in STEPS[number:]:  # they fail at once on the missing input: collect them quietly
+                    with contextlib.suppress(ray.exceptions.RayError):
+                        ray.get(refs[later])
                 cause = exc.cause if getattr(exc, "cause", None) is not None else exc
                 raise WorkflowError(f"step {step} failed: {type(cause).__name__}: {cause}. Fix it and re-run "
                                     "`vistr workflow` with the same config: finished steps are reused") from exc  # fmt: skip

@@ -177,6 +177,8 @@ class TrainConfig:
     init_weights: str | None = None
     # Optional cap on steps per epoch (useful for smoke runs and fixed-budget benchmarks).
     max_steps_per_epoch: int | None = None
+    # Training time budget, counted from when the workers are up (start-up not included); the
+    # epoch that runs out of time is finished (validated, saved) early.
     max_minutes: float | None = None
     # Distributed training (`vistr train`): Ray Train workers and what each one holds.
     num_workers: int = 1
