@@ -1,4 +1,4 @@
-"""ResNet backbone with frozen BatchNorm, named exactly like the official checkpoints.
+"""ResNet backbone with frozen BatchNorm (or GroupNorm from scratch), named like the official checkpoints.
 
 Key layout ``backbone.0.body.{conv1,bn1,layer1..4}`` comes from DETR's ``Joiner`` (a Sequential of
 backbone and position encoding) around torchvision's ``IntermediateLayerGetter``; keeping that
@@ -27,12 +27,15 @@ CHANNELS = {
     "resnet101": (256, 512, 1024, 2048),
 }
 TRAINABLE_LAYERS = ("layer2", "layer3", "layer4")
+# ResNet channel counts are multiples of 32, so GroupNorm(32, c) fits every layer.
+NORM_LAYERS = {"frozen_bn": FrozenBatchNorm2d, "group_norm": lambda channels: nn.GroupNorm(32, channels)}
 
 
 class ResNetBackbone(nn.Module):
     """torchvision ResNet returning layer1..layer4 feature maps (the mask head needs all four)."""
 
-    def __init__(self, name: str, train_backbone: bool, dilation: bool = False, weights: str | None = None):
+    def __init__(self, name: str, train_backbone: bool, dilation: bool = False, weights: str | None = None,
+                 norm: str = "frozen_bn"):  # fmt: skip
         super().__init__()
         if name not in CHANNELS:
             raise ValueError(f"backbone {name!r} unknown; expected one of {sorted(CHANNELS)}")
@@ -40,14 +43,18 @@ class ResNetBackbone(nn.Module):
             raise ValueError(
                 f"dilation=True needs a bottleneck ResNet (resnet50/101); {name} has basic blocks"
             )
+        if norm not in NORM_LAYERS:
+            raise ValueError(f"backbone norm {norm!r} unknown; expected one of {sorted(NORM_LAYERS)}")
         resnet = getattr(models, name)(
-            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d
+            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=NORM_LAYERS[norm]
         )
         if weights is not None:
             _load_resnet_weights(resnet, weights)
-        # Official rule: conv1 and layer1 stay frozen always; the rest trains iff lr_backbone > 0.
+        # Official rule: conv1 and layer1 stay frozen always (they hold pretrained low-level
+        # filters); the rest trains iff lr_backbone > 0. A from-scratch (group_norm) backbone trains all.
+        from_scratch = norm == "group_norm"
         for pname, param in resnet.named_parameters():
-            if not train_backbone or not any(layer in pname for layer in TRAINABLE_LAYERS):
+            if not train_backbone or not (from_scratch or any(layer in pname for layer in TRAINABLE_LAYERS)):
                 param.requires_grad_(False)
         self.body = IntermediateLayerGetter(resnet, {f"layer{i}": str(i - 1) for i in range(1, 5)})
         self.num_channels = CHANNELS[name]

@@ -56,7 +56,7 @@ class VisTRDetector(nn.Module):
     def __init__(self, cfg: ModelConfig, train_backbone: bool):
         super().__init__()
         d = cfg.hidden_dim
-        body = ResNetBackbone(cfg.backbone, train_backbone, cfg.dilation, cfg.backbone_weights)
+        body = ResNetBackbone(cfg.backbone, train_backbone, cfg.dilation, cfg.backbone_weights, cfg.backbone_norm)
         position = PositionEmbeddingSine3D(d) if cfg.position_encoding else None
         self.backbone = Joiner(body, position)
         self.transformer = Transformer(
