@@ -1,1 +1,1 @@
-"""Ray Job entrypoints, one per stage, plus the submission client."""
+"""Ray Job entrypoints, one per stage (``python -m jobs.<stage>``); ``vistr submit`` sends them to a cluster."""

@@ -40,6 +40,7 @@ from pipelines.ray_runtime import connect
 from vistr.config import Config, ConfigError, from_dict, load_config
 
 FAIL_ENV = "VISTR_FAIL_AT_STEP"
+STORAGE_ENV = "VISTR_STORAGE_PATH"  # cluster-wide shared storage root: default run storage is <it>/ray
 NONFINITE_MARKER = "nonfinite_loss.txt"
 CHECKPOINT_FILE = "checkpoint.pt"
 TRACE_DIR = "data_trace"
@@ -370,7 +371,8 @@ def train(
                  if v is not None}  # fmt: skip
     cfg = cfg.with_overrides(overrides, "vistr train arguments")
     t = cfg.train
-    storage = t.storage_path or str(PROJECT_ROOT / "runs" / "ray")
+    shared = os.environ.get(STORAGE_ENV)  # set by the cluster image / manifests (ray_cluster.yaml)
+    storage = t.storage_path or (f"{shared.rstrip('/')}/ray" if shared else str(PROJECT_ROOT / "runs" / "ray"))
     storage = storage if "://" in storage else str(Path(storage).resolve())
     if resume and name and name != resume:
         raise TrainError(f"--name {name} and --resume {resume} differ; --resume NAME alone continues a run")
@@ -466,8 +468,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, help="Ray Train workers (default: train.num_workers)")
     parser.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default: train.gpus_per_worker)")
     parser.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default: train.cpus_per_worker)")
-    parser.add_argument("--storage", help="run storage: directory or pyarrow URI (default: train.storage_path "
-                        "or runs/ray); shared storage on a multi-node cluster")  # fmt: skip
+    parser.add_argument("--storage", help="run storage: directory or pyarrow URI (default: train.storage_path, "
+                        f"else ${STORAGE_ENV}/ray, else runs/ray); shared storage on a multi-node cluster")  # fmt: skip
     parser.add_argument("--name", help="run name (default: vistr-<date>-<time>)")
     parser.add_argument("--resume", metavar="RUN_NAME", help="continue the run of this name in --storage")
     parser.add_argument("--address", help="Ray cluster: 'auto', host:port or ray://host:port (default: local)")

@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("pipelines.registry#models", "registered versions: list, show VERSION|ALIAS, rollback"),
     "workflow": ("pipelines.workflow", "preprocess -> train -> evaluate -> register -> promote on Ray, steps cached in MLflow"),
     "demo": ("pipelines.demo", "the embedded default: synthetic data -> shards -> train -> evaluate -> predict"),
+    "submit": ("pipelines.submit", "run a stage as a Ray Job on a cluster: package this checkout, submit, --follow"),
+    "jobs": ("pipelines.jobs_client", "Ray Jobs on a cluster: list, status, logs [--follow], stop"),
 }
 
 
