@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "promote": ("pipelines.registry#promote", "evaluate challenger vs champion on one set; move the champion alias if better"),
     "models": ("pipelines.registry#models", "registered versions: list, show VERSION|ALIAS, rollback"),
     "workflow": ("pipelines.workflow", "preprocess -> train -> evaluate -> register -> promote on Ray, steps cached in MLflow"),
+    "tune": ("pipelines.tune", "Ray Tune campaign (search or Table 1 ablation) over Ray Train runs, tracked in MLflow"),
+    "report": ("pipelines.report", "a campaign's trials as a Table-1 Markdown table and bar chart, from MLflow"),
     "demo": ("pipelines.demo", "the embedded default: synthetic data -> shards -> train -> evaluate -> predict"),
     "submit": ("pipelines.submit", "run a stage as a Ray Job on a cluster: package this checkout, submit, --follow"),
     "jobs": ("pipelines.jobs_client", "Ray Jobs on a cluster: list, status, logs [--follow], stop"),
