@@ -32,7 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
 from vistr.config import Config
-from vistr.data.clips import collate_clips
+from vistr.data.clips import collate_clips, permute_clip
 from vistr.data.shards import (
     COLUMNS,
     ShardSchemaError,
@@ -299,9 +299,17 @@ class ClipBatchCollate(NumpyBatchCollateFn):
 
     def __init__(self, cfg: Config, train: bool = True) -> None:
         self.transform = build_transforms(cfg.data, train=True) if train else eval_transform()
+        # Table 1c: shards store clips in time order; "random" shuffles each training clip's frames.
+        self.shuffle_time = train and cfg.data.time_order == "random"
+
+    def _clip(self, row: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        frames, target = decode_clip(row)
+        if self.shuffle_time:
+            frames, target = permute_clip(frames, target, torch.randperm(len(frames)).numpy())
+        return self.transform(frames, target)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return collate_clips([self.transform(*decode_clip(row)) for row in batch_rows(batch)])
+        return collate_clips([self._clip(row) for row in batch_rows(batch)])
 
 
 def iter_clips(

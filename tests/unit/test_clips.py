@@ -17,6 +17,7 @@ from vistr.data.clips import (
     clip_frame_ids,
     collate_clips,
     official_clip,
+    permute_clip,
     random_start_clip,
 )
 from vistr.data.ytvis import YTVIS, Track, decode_segmentation, encode_mask
@@ -169,3 +170,22 @@ def test_synthetic_json_is_read_by_dataset(synth_root: Path) -> None:
     data = json.loads((synth_root / "annotations/instances_val_sub.json").read_text())
     ytvis = YTVIS.load(synth_root / "annotations/instances_val_sub.json", synth_root / "valid/JPEGImages")
     assert len(ytvis.tracks) == len(data["annotations"]) > 0
+
+
+def test_permute_clip_moves_frames_and_every_per_frame_target_together() -> None:
+    t, k = 5, 2
+    frames = np.stack([np.full((4, 6, 3), 10 * i, np.uint8) for i in range(t)])  # frame i is all 10·i
+    masks = torch.zeros(k, t, 4, 6, dtype=torch.bool)
+    for i in range(t):
+        masks[0, i, 0, : i + 1] = True  # frame i: i+1 pixels of instance 0
+    target = {"frame_ids": torch.arange(100, 100 + t), "labels": torch.tensor([3, 4]),
+              "boxes": torch.arange(k * t * 4, dtype=torch.float32).view(k, t, 4),
+              "valid": torch.tensor([[True] * t, [False, True, False, True, False]]), "masks": masks}  # fmt: skip
+    order = np.array([3, 0, 4, 1, 2])
+    moved_frames, moved = permute_clip(frames, target, order)
+    for new, old in enumerate(order):
+        assert moved_frames[new, 0, 0, 0] == 10 * old and moved["frame_ids"][new] == 100 + old
+        assert int(moved["masks"][0, new].sum()) == old + 1
+        assert torch.equal(moved["boxes"][:, new], target["boxes"][:, old])
+        assert torch.equal(moved["valid"][:, new], target["valid"][:, old])
+    assert torch.equal(moved["labels"], target["labels"])  # per-instance entries stay

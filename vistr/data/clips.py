@@ -54,6 +54,15 @@ def apply_time_order(frame_ids: np.ndarray, time_order: str, rng: np.random.Gene
     return rng.permutation(frame_ids) if time_order == "random" else frame_ids
 
 
+def permute_clip(frames: np.ndarray, target: dict, order: np.ndarray) -> tuple[np.ndarray, dict]:
+    """A decoded clip with its frames in ``order``: frames and every per-frame target entry move
+    together (Table 1c "random" time order for clips stored in time order, e.g. in the shards)."""
+    index = torch.as_tensor(order, dtype=torch.long)
+    moved = dict(target, frame_ids=target["frame_ids"][index], boxes=target["boxes"][:, index],
+                 valid=target["valid"][:, index], masks=target["masks"][:, index])  # fmt: skip
+    return frames[order], moved
+
+
 def build_target(
     video_id: int, frame_ids: Sequence[int], tracks: Sequence[Track], height: int, width: int
 ) -> dict[str, Any]:
