@@ -97,6 +97,8 @@ def bar_chart(rows: Sequence[Row], path: str | Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pipelines.tracking import save_figure
+
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     width = 0.8 / max(len(rows), 1)
     heights = [[0.0 if math.isnan(r.metrics[s]) else 100 * r.metrics[s] for s in TABLE_STATS] for r in rows]
@@ -110,12 +112,7 @@ def bar_chart(rows: Sequence[Row], path: str | Path, title: str) -> Path:
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def find_campaign_run(client: Any, ref: str) -> str:
