@@ -37,6 +37,7 @@ STEPS = ("preprocess", "train", "evaluate", "register", "promote")
 FAIL_ENV = "VISTR_WORKFLOW_FAIL_STEP"
 STEP_TAG, HASH_TAG, OUTPUTS_TAG, WORKFLOW_TAG = "vistr.step", "vistr.step_hash", "vistr.outputs", "vistr.workflow"
 PARENT_TAG = "mlflow.parentRunId"
+PROGRESS_EVERY_S = 30.0
 
 
 class WorkflowError(RuntimeError):
@@ -263,6 +264,20 @@ def run_step(step: str, p: Plan, *inputs: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- driver
 
 
+def training_progress(client: Any, p: Plan) -> str:
+    """One line on the running train step, read from its MLflow run (the workers log there)."""
+    query = f"tags.`{HASH_TAG}` = '{p.hashes['train']}' and attributes.status = 'RUNNING'"
+    runs = client.search_runs([p.experiment_id], filter_string=query, max_results=1,
+                              order_by=["attributes.start_time DESC"])  # fmt: skip
+    metrics = runs[0].data.metrics if runs else {}
+    if "train/loss" not in metrics:
+        return "training: starting Ray Train workers ..."
+    line = f"training: loss {metrics['train/loss']:.3f}"
+    if "epoch" in metrics:
+        line += f", {int(metrics['epoch']) + 1} epoch(s) done (step {int(metrics.get('global_step', 0))})"
+    return line + (f", val AP {metrics['val_AP']:.3f}" if "val_AP" in metrics else "")
+
+
 def run_workflow(cfg: Config, data: str | Path, out: str | Path, *, address: str | None = None,
                  workers: int | None = None, config_name: str = "config",
                  progress: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:  # fmt: skip
@@ -296,6 +311,9 @@ def run_workflow(cfg: Config, data: str | Path, out: str | Path, *, address: str
         for number, step in enumerate(STEPS, 1):
             progress(f"[{number}/{len(STEPS)}] {step} ({p.hashes[step]}) ...")
             try:
+                while not ray.wait([refs[step]], timeout=PROGRESS_EVERY_S)[0]:
+                    if step == "train":
+                        progress(f"      {training_progress(client, p)}")
                 results[step] = ray.get(refs[step])
             except ray.exceptions.RayTaskError as exc:
                 set_tags(client, p.parent_run_id, {f"step.{step}": "failed"})
