@@ -35,7 +35,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     model = build_model(cfg)
     ours = save_checkpoint(root / "tiny.pt", model, config=cfg)
     official = root / "tiny_official.pth"
-    torch.save({"model": model.state_dict()}, official)  # official names, no config: detected by keys
+    # Official files have the official (FrozenBatchNorm) backbone; names only, no config: detected by keys.
+    frozen = build_model(cfg.with_overrides({"model.backbone_norm": "frozen_bn"}))
+    torch.save({"model": frozen.state_dict()}, official)
     return {"ours": ours, "official": official}
 
 

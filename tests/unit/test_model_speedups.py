@@ -66,7 +66,7 @@ def _randomize_frozen_bn(model: nn.Module) -> None:
 
 def test_optimized_copy_matches_and_leaves_the_model_untouched() -> None:
     torch.manual_seed(3)
-    cfg = load_config("tiny_cpu").model
+    cfg = load_config("tiny_cpu", {"model.backbone_norm": "frozen_bn"}).model  # the official backbone
     model = build_model(cfg, train_backbone=True).eval()
     _randomize_frozen_bn(model)
     nn.init.normal_(model.mask_head.conv_offset.weight, std=0.1)

@@ -17,7 +17,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 # The tiny_cpu preset with the sizes these tests hard-code pinned (the preset may evolve).
-PINNED = {"num_frames": 6, "num_slots": 4, "hidden_dim": 96}
+# The official architecture (FrozenBatchNorm backbone) at tiny_cpu's sizes.
+PINNED = {"num_frames": 6, "num_slots": 4, "hidden_dim": 96, "backbone_norm": "frozen_bn"}
 
 
 def tiny(**overrides) -> VisTR:
@@ -310,7 +311,7 @@ def test_importing_models_does_not_import_ray_or_mlflow():
 
 
 def test_from_scratch_backbone_normalises_and_trains_every_layer():
-    frozen = build_model(load_config("tiny_cpu")).vistr.backbone[0].body
+    frozen = tiny().vistr.backbone[0].body
     scratch = build_model(load_config("tiny_cpu", {"model.backbone_norm": "group_norm"})).vistr.backbone[0].body
     assert not frozen.conv1.weight.requires_grad and frozen.layer2[0].conv1.weight.requires_grad
     assert all(p.requires_grad for p in scratch.parameters())
