@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from vistr.config import Config, ConfigError, from_dict, load_config, save_config
+from vistr.config import Config, ConfigError, from_dict, load_config, parse_overrides, save_config
 from vistr.data.shards import preprocess_settings, settings_hash
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -557,13 +557,6 @@ def run_campaign(campaign: Campaign, resume: bool = False, address: str | None =
             ray.shutdown()
 
 
-def _setting(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. train.epochs=2), got {text!r}")
-    return key, yaml.safe_load(value)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "campaign", type=Path, help="campaign YAML (e.g. configs/ablations/b_query_level.yaml)"
@@ -571,7 +564,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scale", help="apply the file's scales.NAME section (e.g. cpu); the campaign is named NAME-SCALE"
     )
-    parser.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override applied to every trial (YAML value), e.g. --set data.root=/data/ytvis")  # fmt: skip
     parser.add_argument(
         "--storage", help=f"campaign folder root (default: the file's storage, else {DEFAULT_STORAGE})"
@@ -591,7 +584,7 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     try:
-        campaign = load_campaign(args.campaign, args.scale, dict(args.set), args.storage)
+        campaign = load_campaign(args.campaign, args.scale, parse_overrides(args.set), args.storage)
         summary = run_campaign(campaign, resume=args.resume, address=args.address)
     except (CampaignError, ConfigError, PreprocessError, ShardError, TrainError) as exc:
         print(f"error: {exc}", file=sys.stderr)
