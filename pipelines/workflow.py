@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,6 @@ class Plan:
     hashes: dict[str, str]
     fail_step: str | None = None
     parent_run_id: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def config(self) -> Config:
