@@ -1,10 +1,12 @@
 """``vistr predict``: a video file or frame folder in; results JSON, overlay video and contact sheet out.
 
-The video streams through three stages joined by bounded queues, so the model never waits:
-a thread decodes and resizes frames ahead of the model, the calling thread runs the model one
-window at a time, and a second thread postprocesses, stitches, RLE-encodes and draws/encodes
-the overlay of the frames each window finalises. Only a window of frames and one overlap of
-masks are ever held, whatever the video's length.
+The video streams through three stages: decoding and resizing frames, the model (one window
+at a time, in the calling thread), and postprocessing (stitch, RLE-encode, draw and encode the
+overlay of the frames each window finalises). Where the model leaves CPU to spare (a GPU, or
+more cores than torch's threads) the first and last run in threads joined by bounded queues,
+so the model never waits; where the model's threads already fill every core they run inline,
+which measured faster than threads fighting OpenMP workers (:func:`stages_overlap`). Only a
+window of frames and one overlap of masks are ever held, whatever the video's length.
 
 Models come from a local checkpoint (ours or an official VisTR file, told apart by its keys) or
 an MLflow URI; MLflow lives in ``pipelines.model_source``, imported only when a URI is given,

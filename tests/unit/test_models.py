@@ -325,3 +325,26 @@ def test_from_scratch_backbone_normalises_and_trains_every_layer():
 def test_group_norm_backbone_refuses_pretrained_weights():
     with pytest.raises(ConfigError, match="backbone_norm=group_norm.*frozen_bn"):
         load_config("tiny_cpu", {"model.backbone_norm": "group_norm", "model.backbone_weights": "r18.pth"})
+
+
+def _layer4_dilations(body: torch.nn.Module) -> list[set[int]]:
+    """Per block of layer4: the dilations of its 3x3 convs."""
+    return [{m.dilation[0] for m in block.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)}
+            for block in body.layer4]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34"])
+def test_dilation_of_basic_block_resnets_follows_torchvision_bottleneck_rule(name):
+    from vistr.models.backbone import ResNetBackbone
+
+    plain = ResNetBackbone(name, True, dilation=False, norm="group_norm")
+    dilated = ResNetBackbone(name, True, dilation=True, norm="group_norm")
+    bottleneck = ResNetBackbone("resnet50", True, dilation=True)  # torchvision's own dilation
+    # Weights are interchangeable: same names and shapes (pretrained ResNet-18 files still load).
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {k: v.shape for k, v in dilated.state_dict().items()}
+    # Same rule as torchvision's replace_stride_with_dilation: first block 1, later blocks 2.
+    assert _layer4_dilations(dilated.body) == [{1}] + [{2}] * (len(dilated.body.layer4) - 1)
+    assert _layer4_dilations(bottleneck.body) == [{1}] + [{2}] * (len(bottleneck.body.layer4) - 1)
+    frames = torch.randn(2, 3, 64, 96)
+    assert [f.shape[-2:] for f in plain(frames)][2:] == [(4, 6), (2, 3)]
+    assert [f.shape[-2:] for f in dilated(frames)][2:] == [(4, 6), (4, 6)]  # layer4 at stride 16

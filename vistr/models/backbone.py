@@ -39,15 +39,15 @@ class ResNetBackbone(nn.Module):
         super().__init__()
         if name not in CHANNELS:
             raise ValueError(f"backbone {name!r} unknown; expected one of {sorted(CHANNELS)}")
-        if dilation and name in ("resnet18", "resnet34"):
-            raise ValueError(
-                f"dilation=True needs a bottleneck ResNet (resnet50/101); {name} has basic blocks"
-            )
         if norm not in NORM_LAYERS:
             raise ValueError(f"backbone norm {norm!r} unknown; expected one of {sorted(NORM_LAYERS)}")
+        basic_blocks = name in ("resnet18", "resnet34")  # torchvision refuses to dilate BasicBlock
         resnet = getattr(models, name)(
-            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=NORM_LAYERS[norm]
-        )
+            weights=None, replace_stride_with_dilation=[False, False, dilation and not basic_blocks],
+            norm_layer=NORM_LAYERS[norm],
+        )  # fmt: skip
+        if dilation and basic_blocks:
+            _dilate_basic_layer(resnet.layer4)
         if weights is not None:
             _load_resnet_weights(resnet, weights)
         # Official rule: conv1 and layer1 stay frozen always (they hold pretrained low-level
@@ -81,6 +81,20 @@ class Joiner(nn.Sequential):
         mask = mask.view(batch, frames_per_clip, *mask.shape[-2:])
         pos = self[1](mask).to(feats[-1].dtype) if self.use_position else None
         return feats, mask, pos
+
+
+def _dilate_basic_layer(layer: nn.Sequential) -> None:
+    """Trade ``layer``'s stride 2 for dilation 2, as torchvision's ``replace_stride_with_dilation``
+    does for bottleneck blocks: the first block keeps dilation 1 with stride 1, later blocks'
+    3x3 convs dilate by 2. Same parameters, twice the output resolution (DC5 for ResNet-18/34:
+    a 64-pixel frame gives a 4x4 map instead of 2x2)."""
+    first, *rest = layer
+    first.conv1.stride = (1, 1)
+    if first.downsample is not None:
+        first.downsample[0].stride = (1, 1)
+    for block in rest:
+        for conv in (block.conv1, block.conv2):
+            conv.dilation, conv.padding = (2, 2), (2, 2)
 
 
 def _load_resnet_weights(resnet: nn.Module, path: str) -> None:
