@@ -80,12 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=lambda s: tuple(int(x) for x in s.lower().split("x")), default=(64, 64))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, help="working directory (default: a fresh temporary one)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override on top of tiny_cpu (repeatable), e.g. --set train.lr=1e-4")
     args = parser.parse_args(argv)
 
     from pipelines.ray_runtime import connect
     from pipelines.tracking import client_for, plot_curves
     from pipelines.train import train
-    from vistr.config import load_config
+    from vistr.config import load_config, parse_overrides
 
     work = args.work or Path(tempfile.mkdtemp(prefix="vistr-learn-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "train.epochs": 10_000, "train.max_minutes": args.minutes, "train.validate_every": 1,
         "train.cpus_per_worker": 1.0, "tracking.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
         "data.shuffle_buffer": 256,  # each worker's whole half of the split (~20 MB): a full shuffle
-        "tracking.experiment": "benchmark-learn",
+        "tracking.experiment": "benchmark-learn", **parse_overrides(args.overrides),
     })  # fmt: skip
     connect(None, num_cpus=args.workers + 1)  # one logical CPU beyond the workers for Ray Data reads
     shards = build_data(work, args, cfg)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any, Literal, Union
 import yaml
 
 QueryLevel = Literal["video", "frame", "instance", "prediction"]
+_YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
@@ -326,6 +328,8 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: {key} must be a list, got {type(value).__name__} {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
     if annotation is float:
+        if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string; everyone writes it
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {key} must be a number, got {type(value).__name__} {value!r}")
         return float(value)

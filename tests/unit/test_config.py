@@ -91,3 +91,16 @@ def test_flat_keys_are_dotted() -> None:
 def test_missing_preset_lists_known_ones() -> None:
     with pytest.raises(ConfigError, match="tiny_cpu"):
         load_config("no_such_preset")
+
+
+def test_exponent_without_dot_is_a_number(tmp_path: Path) -> None:
+    # YAML 1.1 reads "1e-4" as a string; a config or --set train.lr=1e-4 must still mean 0.0001.
+    from vistr.config import parse_overrides
+
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 1e-4\n  lr_backbone: 5E-6\n")
+    cfg = load_config(path)
+    assert (cfg.train.lr, cfg.train.lr_backbone) == (1e-4, 5e-6)
+    assert load_config("tiny_cpu", parse_overrides(["train.lr=2e-3"])).train.lr == 2e-3
+    with pytest.raises(ConfigError, match="train.lr must be a number"):
+        load_config("tiny_cpu", parse_overrides(["train.lr=1e-4x"]))
