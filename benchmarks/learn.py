@@ -1,7 +1,7 @@
 """It learns, end to end: synthetic dataset -> `vistr preprocess` shards -> `vistr train` (Ray Train,
 2 DDP workers, MLflow) for a fixed wall-clock budget -> video AP/AR on the held-out split.
 
-    python benchmarks/learn.py [--minutes 15] [--workers 2] [--work DIR]
+    python benchmarks/learn.py [--minutes 15] [--workers 2] [--work DIR] [--set KEY=VALUE ...] [--name NAME]
 
 The dataset is a pure function of the seed (default 48 train / 16 validation videos, 64x64,
 6-12 frames). Training runs ``tiny_cpu`` with ``train.max_minutes = --minutes`` and validates every
@@ -9,7 +9,7 @@ epoch, so MLflow's ``val_AP`` history (with wall-clock timestamps) is the learni
 against minutes of training. The final numbers come from re-evaluating the final checkpoint in
 this process with the same protocol (official inference clip of each validation video, official
 evaluator), which also checks that the checkpoint reproduces what the workers measured.
-Targets: AP >= 0.5, AP50 >= 0.8. Writes ``benchmarks/results/learn.json`` and ``learn_curve.png``.
+Targets: AP >= 0.5, AP50 >= 0.8. Writes ``benchmarks/results/NAME.json`` and ``NAME_curve.png`` (NAME: learn).
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=lambda s: tuple(int(x) for x in s.lower().split("x")), default=(64, 64))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, help="working directory (default: a fresh temporary one)")
+    parser.add_argument("--name", default="learn",
+                        help="results name: benchmarks/results/NAME.json and NAME_curve.png (default learn)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override on top of tiny_cpu (repeatable), e.g. --set train.lr=1e-4")
     args = parser.parse_args(argv)
@@ -125,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         "curve_minutes_val_AP": curve,
         # the latest validation at or before each mark (None: no validation finished by then)
         "val_AP_at_minutes": {m: max(((t, ap) for t, ap in curve if t <= m), default=(0, None))[1]
-                              for m in (5, 10, 15) if m <= args.minutes + 1},
+                              for m in (5, 10, 15, 30, 60) if m <= args.minutes + 1},
         "all_stats": stats,
     }
-    plot_curves({"val AP": curve}, RESULTS_DIR / "learn_curve.png", "minutes of training", "video AP",
+    plot_curves({"val AP": curve}, RESULTS_DIR / f"{args.name}_curve.png", "minutes of training", "video AP",
                 f"tiny_cpu, {args.workers} workers, synthetic {args.train_videos}/{args.val_videos} videos")
-    path = write_results("learn", results, extra={"config": cfg.to_dict(), "args": {
+    path = write_results(args.name, results, extra={"config": cfg.to_dict(), "args": {
         k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}})  # fmt: skip
     print_table("learning benchmark", [{k: results[k] for k in (*REPORTED, "steps", "epochs", "samples_per_s",
                                                                  "data_wait_fraction", "wall_s")}])  # fmt: skip
