@@ -179,7 +179,7 @@ def stages_overlap(device: str | torch.device) -> bool:
     They pay off when the model leaves CPU to spare: on a GPU, or when torch's intra-op threads
     do not occupy every core. When they do (2-core CPU, model on both cores), the extra threads
     preempt OpenMP workers mid-region and the whole pipeline ran slower than doing the same work
-    in turn (benchmarks/predict.py, tiny_cpu: 1.3-1.5 s threaded vs 1.05 s inline per 120 frames).
+    in turn (tiny_cpu, 120 frames, alternating runs: 1.33-1.61 s threaded vs 1.07-1.16 s inline).
     """
     if torch.device(device).type != "cpu":
         return True
@@ -229,13 +229,13 @@ def predict_stream(
             except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
                 failure.append(exc)
 
-    worker = threading.Thread(target=postprocess_queued, daemon=True, name="vistr-post")
-    if concurrent:
-        worker.start()
-    buffer: dict[int, tuple[np.ndarray | None, torch.Tensor]] = {}
     decoded: Iterator = ((f, predictor.prepare(f)) for f in frames)
+    worker: threading.Thread | None = None
     if concurrent:
+        worker = threading.Thread(target=postprocess_queued, daemon=True, name="vistr-post")
+        worker.start()
         decoded = _ahead(decoded, predictor.num_frames + 2, stop)
+    buffer: dict[int, tuple[np.ndarray | None, torch.Tensor]] = {}
     size: tuple[int, int] = (0, 0)
     try:
         for w, (start, end) in enumerate(windows):
@@ -256,7 +256,7 @@ def predict_stream(
                 buffer.pop(i)
     finally:
         stop.set()
-        if concurrent:
+        if worker is not None:
             posts.put(None)
             worker.join()
     if failure:
