@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.model_source import resolve_checkpoint
+from pipelines.model_source import local_checkpoint
 
 SPLIT_ALIASES = {"valid": "val", "val": "val", "validation": "val", "train": "train"}
 
@@ -119,14 +119,15 @@ def evaluate_model(model: str | None, data_dir: str | Path, split: str = "valid"
     from vistr.evaluation import evaluate
     from vistr.predict import load_model_file
 
-    path = resolve_checkpoint(model, tracking_uri=tracking_uri)
-    _, cfg = load_model_file(path, window)  # refuse a bad file before any cluster starts
+    with local_checkpoint(model, tracking_uri=tracking_uri) as path:
+        _, cfg = load_model_file(path, window)  # refuse a bad file before any cluster starts
+        checkpoint = path.read_bytes()
     ann, rows = split_rows(data_dir, split, cfg.data)
     out = Path(out or Path("evaluations") / Path(data_dir).name)
     out.mkdir(parents=True, exist_ok=True)
     started = connect(address, num_cpus)
     try:
-        results = infer_split(rows, path.read_bytes(), window, overlap, min_iou, num_actors)
+        results = infer_split(rows, checkpoint, window, overlap, min_iou, num_actors)
     finally:
         if started:
             import ray

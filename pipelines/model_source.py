@@ -18,6 +18,8 @@ as ``mlflow.pyfunc`` / ``log_artifacts(dir, "model")`` place it). ``runs:/RUN_ID
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -44,20 +46,31 @@ def find_checkpoint(root: Path, uri: str) -> Path:
                            "with the config inside (see pipelines/model_source.py)")
 
 
-def resolve_checkpoint(spec: str | None, tracking_uri: str | None = None, dst: Path | None = None) -> Path:
-    """A local checkpoint file for ``spec``: a path is returned as is; an MLflow URI is downloaded
-    (into ``dst`` or a fresh temp folder). ``None`` means the registry champion, if there is one."""
+@contextmanager
+def local_checkpoint(spec: str | None, tracking_uri: str | None = None) -> Iterator[Path]:
+    """A local checkpoint file for ``spec`` while the context lasts. A path is yielded as is; an
+    MLflow URI is downloaded into a temporary folder that is removed on exit, so that every
+    ``vistr predict``/``evaluate`` against the registry does not leave another copy of the weights
+    (100+ MB) behind. Callers read the file inside the context (the model is then in memory).
+    ``None`` means the registry champion, if there is one."""
     if spec is not None and not is_mlflow_uri(spec):
         path = Path(spec)
         if not path.is_file():
             raise ModelSourceError(f"{path}: model file not found")
-        return path
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="vistr-model-") as folder:
+        yield download_checkpoint(spec, tracking_uri, Path(folder))
+
+
+def download_checkpoint(spec: str | None, tracking_uri: str | None, dst: Path) -> Path:
+    """Download the checkpoint of an MLflow URI (``None``: the champion) into ``dst``, which the
+    caller owns and cleans up."""
     import mlflow
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     uri = spec or DEFAULT_MODEL_URI
-    dst = Path(dst or tempfile.mkdtemp(prefix="vistr-model-"))
     try:
         run_id = uri[len("runs:/"):].strip("/") if uri.startswith("runs:/") else ""
         if uri.startswith("models:/"):  # a registered pyfunc model: fetch the checkpoint, not the code

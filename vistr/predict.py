@@ -103,15 +103,14 @@ def load_model(spec: str | None, num_frames: int | None = None, tracking_uri: st
                ) -> tuple[torch.nn.Module, Config, str]:
     """(model in eval mode, config, where it came from) for a path or an MLflow URI (or None: the
     registry's champion). Uses ``optimize_for_inference`` when the models package has it."""
-    source = spec
     if spec is None or "://" in spec or spec.startswith(("runs:/", "models:/")):
-        from pipelines.model_source import resolve_checkpoint  # MLflow only for URIs
+        from pipelines.model_source import local_checkpoint  # MLflow only for URIs
 
-        path = resolve_checkpoint(spec, tracking_uri=tracking_uri)
-        source = f"{spec or 'default model'} -> {path}"
+        with local_checkpoint(spec, tracking_uri=tracking_uri) as path:
+            model, cfg = load_model_file(path, num_frames)
     else:
-        path = Path(spec)
-    model, cfg = load_model_file(path, num_frames)
+        model, cfg = load_model_file(Path(spec), num_frames)
+    source = spec or "default model (the registry champion)"
     try:
         from vistr.models.inference_opt import optimize_for_inference
     except ImportError:

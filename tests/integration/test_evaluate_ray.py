@@ -84,7 +84,7 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory):
 def test_models_load_from_mlflow_run_uris(mlflow_store, checkpoint, tmp_path):
     import mlflow
 
-    from pipelines.model_source import ModelSourceError, resolve_checkpoint
+    from pipelines.model_source import ModelSourceError, download_checkpoint, local_checkpoint
 
     uri, experiment = mlflow_store
     staged = tmp_path / "staged"
@@ -93,18 +93,24 @@ def test_models_load_from_mlflow_run_uris(mlflow_store, checkpoint, tmp_path):
     with mlflow.start_run(experiment_id=experiment) as run:
         mlflow.log_artifacts(str(staged), artifact_path="model")
     for spec in (f"runs:/{run.info.run_id}/model", f"runs:/{run.info.run_id}"):
-        path = resolve_checkpoint(spec, tracking_uri=uri, dst=tmp_path / spec.replace("/", "_").replace(":", ""))
+        path = download_checkpoint(spec, tracking_uri=uri, dst=tmp_path / spec.replace("/", "_").replace(":", ""))
         assert path.name == "checkpoint.pt" and path.read_bytes() == checkpoint.read_bytes()
+    with local_checkpoint(f"runs:/{run.info.run_id}/model", tracking_uri=uri) as downloaded:
+        assert downloaded.read_bytes() == checkpoint.read_bytes()
+    assert not downloaded.parent.exists()  # the download is removed with the context
+    with local_checkpoint(str(checkpoint)) as local:
+        assert local == checkpoint
+    assert checkpoint.is_file()  # a user's own file is never removed
     model, _, source = load_model(f"runs:/{run.info.run_id}/model", tracking_uri=uri)
     reference, _, _ = load_model(str(checkpoint))
     assert source.startswith("runs:/")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values(), strict=False))
     with pytest.raises(ModelSourceError, match="pass --model"):  # no champion registered in this store
-        resolve_checkpoint(None, tracking_uri=uri, dst=tmp_path / "champion")
+        download_checkpoint(None, tracking_uri=uri, dst=tmp_path / "champion")
     with mlflow.start_run(experiment_id=experiment) as empty:
         mlflow.log_text("x", "notes.txt")
     with pytest.raises(ModelSourceError, match="no checkpoint.pt"):
-        resolve_checkpoint(f"runs:/{empty.info.run_id}", tracking_uri=uri, dst=tmp_path / "empty")
+        download_checkpoint(f"runs:/{empty.info.run_id}", tracking_uri=uri, dst=tmp_path / "empty")
 
 
 def test_evaluation_metrics_are_logged_to_the_given_run(ray_local, mlflow_store, checkpoint, synth_root, tmp_path):

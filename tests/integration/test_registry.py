@@ -82,7 +82,7 @@ def test_promotion_gate_rollback_and_champion_loading(ray_local, synth_root, cli
 
     # models:/NAME@champion as a pyfunc predicts a clip exactly as the model itself does
     frames = np.random.default_rng(0).integers(0, 256, (6, 48, 64, 3), dtype=np.uint8)
-    served = mlflow.pyfunc.load_model(f"models:/{NAME}@{CHAMPION}").predict(frames)
+    served = mlflow.pyfunc.load_model(f"models:/{NAME}@{CHAMPION}", dst_path=str(tmp_path)).predict(frames)
     cfg = load_config("tiny_cpu", {"model.enc_layers": 1, "model.dec_layers": 1})
     expected = tracks_to_results(ClipPredictor(model1, cfg)(frames), video_id=0)
     assert list(served["score"]) == pytest.approx([r["score"] for r in expected], abs=1e-5)
