@@ -22,7 +22,6 @@ YAML, logged with the Table-1 report (pipelines/report.py) to the parent run.
 from __future__ import annotations
 
 import argparse
-import difflib
 import itertools
 import json
 import re
@@ -35,7 +34,15 @@ from typing import Any
 
 import yaml
 
-from vistr.config import Config, ConfigError, from_dict, load_config, parse_overrides, save_config
+from vistr.config import (
+    Config,
+    ConfigError,
+    from_dict,
+    load_config,
+    parse_overrides,
+    save_config,
+    unknown_key_message,
+)
 from vistr.data.shards import preprocess_settings, settings_hash
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -113,10 +120,7 @@ def _apply(cfg: Config, overrides: dict[str, Any], where: str) -> Config:
 def _values(key: str, spec: Any, cfg: Config, where: str) -> list[Any] | None:
     """Check one search-space entry; its values if finite (choice/grid), else None."""
     if key not in cfg.flat():
-        near = difflib.get_close_matches(key, cfg.flat(), n=3)
-        raise CampaignError(
-            f"{where}: unknown config key {key!r}" + (f" (did you mean {', '.join(near)}?)" if near else "")
-        )
+        raise CampaignError(f"{where}: {unknown_key_message(key, cfg.flat())}")
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
         raise CampaignError(
             f"{where}.{key}: expected one of {{{': ..., '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}"

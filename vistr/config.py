@@ -11,11 +11,13 @@ with the values they come from (the official code hard-codes 360; users trip ove
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -272,12 +274,18 @@ class Config:
             *parents, leaf = dotted.split(".")
             for part in parents:
                 if not isinstance(node.get(part), dict):
-                    raise ConfigError(f"{source}: unknown config key {dotted!r}")
+                    raise ConfigError(f"{source}: {unknown_key_message(dotted, self.flat())}")
                 node = node[part]
             if leaf not in node:
-                raise ConfigError(f"{source}: unknown config key {dotted!r}")
+                raise ConfigError(f"{source}: {unknown_key_message(dotted, self.flat())}")
             node[leaf] = value
         return from_dict(data, source)
+
+
+def unknown_key_message(key: str, known: Iterable[str]) -> str:
+    """"unknown config key 'train.lrr' (did you mean train.lr?)": a typo'd key names its fix."""
+    near = difflib.get_close_matches(key, list(known), n=3)
+    return f"unknown config key {key!r}" + (f" (did you mean {', '.join(near)}?)" if near else "")
 
 
 def parse_overrides(items: list[str], source: str = "--set") -> dict[str, Any]:
@@ -381,7 +389,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     cfg = from_dict(data, str(path))
-    return cfg.with_overrides(overrides, str(path)) if overrides else cfg
+    if not overrides:
+        return cfg
+    # Name the overrides (often `--set`) in errors: the file itself was valid.
+    listed = ", ".join(f"{key}={value!r}" for key, value in overrides.items())
+    return cfg.with_overrides(overrides, f"{path} with overrides {listed}")
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

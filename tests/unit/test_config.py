@@ -79,8 +79,13 @@ def test_save_load_round_trip_and_hash(tmp_path: Path) -> None:
 
 
 def test_override_of_unknown_key_fails() -> None:
-    with pytest.raises(ConfigError, match="train.lrr"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.lrr' \(did you mean train\.lr,"):
         Config().with_overrides({"train.lrr": 1.0})
+
+
+def test_a_bad_override_is_blamed_on_the_override_not_the_file() -> None:
+    with pytest.raises(ConfigError, match=r"tiny_cpu\.yaml with overrides train\.lr='abc': train\.lr must be a number"):
+        load_config("tiny_cpu", {"train.lr": "abc"})
 
 
 def test_flat_keys_are_dotted() -> None:
