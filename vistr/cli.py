@@ -39,7 +39,12 @@ def _entry(spec: str) -> tuple[object, str, str]:
     return importlib.import_module(module), f"add_{prefix}arguments", f"run_{name}" if name else "run"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with the arguments of ``command`` only (``None``: of every subcommand).
+
+    Declaring a subcommand's arguments imports its module, and several import torch: building all
+    of them made ``vistr --help`` take 3.5 s, so ``main`` asks only for the one being run.
+    """
     parser = argparse.ArgumentParser(
         prog="vistr",
         description="VisTR video instance segmentation: data, training, tuning, evaluation, registry.",
@@ -48,16 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(_module=module)
-        # Arguments are declared by the owning module; importing it here is cheap for vistr/
-        # modules, and pipelines/ modules keep their heavy imports inside run().
-        owner, add, _ = _entry(module)
-        getattr(owner, add)(sub)
+        if command is None or name == command:
+            owner, add, _ = _entry(module)
+            getattr(owner, add)(sub)
     return parser
+
+
+def requested_command(argv: list[str]) -> str:
+    """The subcommand ``argv`` names (its first non-option word), or "" when there is none; the
+    top-level parser has no options that take a value, so the first such word is it."""
+    return next((word for word in argv if not word.startswith("-")), "")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
+    parser = build_parser(requested_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()

@@ -30,3 +30,24 @@ def test_building_the_parser_imports_neither_ray_nor_mlflow() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_top_level_help_imports_no_subcommand_module() -> None:
+    """`vistr --help` declares no subcommand's arguments, so none of their modules (or torch) load."""
+    code = (
+        "import sys; from vistr.cli import COMMANDS, main\n"
+        "try: main(['--help'])\nexcept SystemExit: pass\n"
+        "loaded = [m for m in ('torch', *(spec.partition('#')[0] for spec, _ in COMMANDS.values())) if m in sys.modules]\n"
+        "print(loaded, file=sys.stderr); sys.exit(bool(loaded))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "synth" in done.stdout and "jobs" in done.stdout  # every subcommand is still listed
+
+
+def test_the_requested_command_is_the_first_word_that_is_not_an_option() -> None:
+    from vistr.cli import requested_command
+
+    assert requested_command(["-h"]) == ""
+    assert requested_command(["train", "cfg.yaml", "--resume"]) == "train"
+    assert requested_command(["--help", "predict"]) == "predict"
