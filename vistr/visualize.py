@@ -30,7 +30,10 @@ def draw_overlay(
     alpha: float = 0.5,
 ) -> np.ndarray:
     """``frame`` (uint8 [H, W, 3]) with each track's mask blended in its colour and its label
-    written at the top-left corner of the mask's bounding box; returns a new array."""
+    written at the top-left corner of the mask's bounding box; returns a new array.
+
+    A label's words go from most to least important ("#3 c2 0.87"): trailing words are dropped
+    until it is at most half the frame wide, so labels do not hide a small video's objects."""
     # One pass: an index map (later tracks on top), then a single blend with a per-index colour.
     index = np.zeros(frame.shape[:2], np.uint8)
     order: list[int] = []
@@ -53,15 +56,20 @@ def draw_overlay(
     out = (frame * table_frame + table_colour).round().astype(np.uint8)
     for tid in order if labels else ():
         if tid in labels:
-            _paste(out, _label_patch(labels[tid], track_colour(tid)), *corners[tid])
+            _paste(out, _label_patch(labels[tid], track_colour(tid), frame.shape[1] // 2), *corners[tid])
     return out
 
 
 @functools.lru_cache(maxsize=1024)
-def _label_patch(text: str, colour: tuple[int, int, int]) -> np.ndarray:
-    """``text`` in black on a box of ``colour``, rendered once per distinct label (drawing text
-    with Pillow for every frame would cost more than the rest of the overlay)."""
+def _label_patch(text: str, colour: tuple[int, int, int], max_width: int) -> np.ndarray:
+    """``text`` (less its trailing words while wider than ``max_width``; one word at least) in
+    black on a box of ``colour``, rendered once per distinct label (drawing text with Pillow for
+    every frame would cost more than the rest of the overlay)."""
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    words = text.split()
+    while len(words) > 1 and probe.textbbox((0, 0), " ".join(words))[2] + 2 > max_width:
+        words.pop()
+    text = " ".join(words) or text
     left, top, right, bottom = probe.textbbox((0, 0), text)
     patch = Image.new("RGB", (right + 2, bottom + 2), colour)
     ImageDraw.Draw(patch).text((1, 1), text, fill=(0, 0, 0))

@@ -26,6 +26,22 @@ def test_overlay_blends_mask_pixels_only():
     assert (frame == 100).all()  # input not modified
 
 
+def _label_width(width: int, label: str) -> int:
+    """Columns the label covers on a ``width``-wide frame whose mask fills it all."""
+    frame = np.full((64, width, 3), 100, np.uint8)
+    out = draw_overlay(frame, {3: np.ones((64, width), bool)}, labels={3: label})
+    blended = draw_overlay(frame, {3: np.ones((64, width), bool)})
+    return int((out != blended).any(axis=(0, 2)).nonzero()[0].max()) + 1
+
+
+def test_labels_drop_trailing_words_to_stay_within_half_the_frame():
+    full, short = _label_width(400, "#3 c2 0.87"), _label_width(400, "#3")
+    assert short < full <= 200  # a wide frame shows the whole label
+    assert _label_width(64, "#3 c2 0.87") <= 32  # a 64-px frame: only the words that fit
+    assert _label_width(64, "#3 c2 0.87") >= short  # ...but never less than the first word
+    assert _label_width(8, "#3 c2") == min(8, short)  # one word is kept even when it cannot fit
+
+
 def test_overlay_without_masks_is_the_frame():
     frame = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
     assert (draw_overlay(frame, {}) == frame).all()
