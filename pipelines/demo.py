@@ -35,11 +35,12 @@ def _stage(number: int, text: str) -> float:
 def run(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
+    from pipelines.model_source import load_model
     from pipelines.ray_runtime import connect
     from pipelines.workflow import WorkflowError, run_workflow
     from vistr.config import load_config, save_config
     from vistr.data.synthetic import SynthSpec, generate_dataset
-    from vistr.predict import load_model, predict_video
+    from vistr.predict import predict_video
 
     out = args.out.resolve()
     cfg = load_config(args.config, overrides={"train.max_minutes": args.minutes, "train.epochs": 1000,

@@ -53,13 +53,13 @@ class VideoInference:
         import ray
 
         from vistr.inference import ClipPredictor
-        from vistr.predict import default_overlap, load_model
+        from vistr.predict import default_overlap, load_inference_model
 
         payload = ray.get(checkpoint[0])  # wrapped in a list so Ray hands over the ref, not bytes
         with tempfile.NamedTemporaryFile(suffix=".pt") as f:
             f.write(payload)
             f.flush()
-            model, cfg, _ = load_model(f.name, window)
+            model, cfg = load_inference_model(f.name, window)
         self.predictor = ClipPredictor(model, cfg, device)
         self.overlap = default_overlap(self.predictor.num_frames) if overlap is None else overlap
         self.min_iou = min_iou

@@ -21,6 +21,10 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vistr.config import Config
 
 CHECKPOINT_FILE = "checkpoint.pt"
 DEFAULT_MODEL_URI = "models:/vistr@champion"
@@ -89,3 +93,15 @@ def download_checkpoint(spec: str | None, tracking_uri: str | None, dst: Path) -
             ) from exc
         raise ModelSourceError(f"{uri}: cannot download the model artifacts ({message})") from exc
     return root if root.is_file() else find_checkpoint(root, uri)
+
+
+def load_model(spec: str | None, num_frames: int | None = None, tracking_uri: str | None = None
+               ) -> tuple[Any, Config, str]:
+    """(inference model, config, where it came from) for a checkpoint path or an MLflow URI
+    (``None``: the registry champion). The weights are read inside ``local_checkpoint``, so a
+    downloaded copy is gone when this returns."""
+    from vistr.predict import load_inference_model
+
+    with local_checkpoint(spec, tracking_uri) as path:
+        model, cfg = load_inference_model(path, num_frames)
+    return model, cfg, spec or f"{DEFAULT_MODEL_URI} (the default)"

@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate-results": ("vistr.evaluation", "video AP/AR of a results JSON against ground truth"),
     "preprocess": ("pipelines.preprocess", "YouTube-VIS -> versioned Parquet clip shards (Ray Data)"),
     "train": ("pipelines.train", "train with DDP on Ray Train from the clip shards, tracked in MLflow"),
-    "predict": ("vistr.predict", "segment a video file or frame folder: results JSON, overlay video, contact sheet"),
+    "predict": ("pipelines.predict", "segment a video file or frame folder: results JSON, overlay video, contact sheet"),
     "evaluate": ("pipelines.evaluate", "video AP/AR of a model on a dataset split (Ray Data inference)"),
     "register": ("pipelines.registry#register", "log a training run's model to the MLflow registry as the challenger"),
     "promote": ("pipelines.registry#promote", "evaluate challenger vs champion on one set; move the champion alias if better"),

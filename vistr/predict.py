@@ -1,4 +1,4 @@
-"""``vistr predict``: a video file or frame folder in; results JSON, overlay video and contact sheet out.
+"""Prediction on one video: a video file or frame folder in; results JSON, overlay video and contact sheet out.
 
 The video streams through three stages: decoding and resizing frames, the model (one window
 at a time, in the calling thread), and postprocessing (stitch, RLE-encode, draw and encode the
@@ -8,18 +8,15 @@ so the model never waits; where the model's threads already fill every core they
 which measured faster than threads fighting OpenMP workers (:func:`stages_overlap`). Only a
 window of frames and one overlap of masks are ever held, whatever the video's length.
 
-Models come from a local checkpoint (ours or an official VisTR file, told apart by its keys) or
-an MLflow URI; MLflow lives in ``pipelines.model_source``, imported only when a URI is given,
-so this module stays pure PyTorch.
+Models come from a local checkpoint (ours or an official VisTR file, told apart by its keys);
+the ``vistr predict`` command (``pipelines.predict``) also takes MLflow URIs.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import queue
-import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -32,6 +29,7 @@ from vistr.checkpoint import FORMAT, CheckpointError, load_official_vistr, model
 from vistr.config import Config
 from vistr.data.video_io import VideoDecodeError, VideoWriter, iter_frames, probe
 from vistr.inference import ClipPredictor, OwnedFrames, Stitcher, plan_windows
+from vistr.models.inference_opt import optimize_for_inference
 from vistr.visualize import contact_sheet, draw_overlay, sample_indices
 
 OFFICIAL_NUM_FRAMES = 36  # T of the released checkpoints (FACTS.md §a)
@@ -99,23 +97,11 @@ def load_model_file(path: str | Path, num_frames: int | None = None) -> tuple[to
     return model, Config(model=model.config)
 
 
-def load_model(spec: str | None, num_frames: int | None = None, tracking_uri: str | None = None
-               ) -> tuple[torch.nn.Module, Config, str]:
-    """(model in eval mode, config, where it came from) for a path or an MLflow URI (or None: the
-    registry's champion). Uses ``optimize_for_inference`` when the models package has it."""
-    if spec is None or "://" in spec or spec.startswith(("runs:/", "models:/")):
-        from pipelines.model_source import local_checkpoint  # MLflow only for URIs
-
-        with local_checkpoint(spec, tracking_uri=tracking_uri) as path:
-            model, cfg = load_model_file(path, num_frames)
-    else:
-        model, cfg = load_model_file(Path(spec), num_frames)
-    source = spec or "default model (the registry champion)"
-    try:
-        from vistr.models.inference_opt import optimize_for_inference
-    except ImportError:
-        return model, cfg, str(source)
-    return optimize_for_inference(model), cfg, str(source)
+def load_inference_model(path: str | Path, num_frames: int | None = None) -> tuple[torch.nn.Module, Config]:
+    """(model in eval mode, frozen for inference, config) of a local checkpoint file; MLflow URIs
+    are resolved by ``pipelines.model_source.load_model``."""
+    model, cfg = load_model_file(path, num_frames)
+    return optimize_for_inference(model), cfg
 
 
 # ---------------------------------------------------------------- streaming
@@ -341,36 +327,3 @@ def default_overlap(num_frames: int) -> int:
     """A sixth of the window (6 of 36 frames): enough shared frames to link instances reliably
     at 1.2x the compute of non-overlapping windows."""
     return max(1, num_frames // 6) if num_frames > 1 else 0
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", help="video file (mp4/mov/webm/...) or folder of frame images")
-    parser.add_argument("--model", help="checkpoint file (ours or official VisTR), runs:/RUN/... or "
-                        "models:/NAME@ALIAS (default: models:/vistr@champion from the tracking server)")
-    parser.add_argument("--out", type=Path, help="output folder (default: predictions/<input name>)")
-    parser.add_argument("--window", type=int, help="T, frames per window: the model's own T; for an "
-                        "official checkpoint, the T it was trained with (default 36)")
-    parser.add_argument("--overlap", type=int, help="frames shared by consecutive windows (default T/6)")
-    parser.add_argument("--min-iou", type=float, default=0.5, help="mask IoU needed to link windows' instances")
-    parser.add_argument("--score-threshold", type=float, help="drop tracks scoring below this")
-    parser.add_argument("--top-k", type=int, help="keep the K best-scoring tracks")
-    parser.add_argument("--video-id", type=int, default=1, help="video_id written to results.json")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tracking-uri", help="MLflow tracking server for runs:/ and models:/ URIs")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Errors a user can fix (input, model, arguments) are one line on stderr and exit code 1."""
-    try:
-        model, cfg, source = load_model(args.model, args.window, args.tracking_uri)
-        out = args.out or Path("predictions") / Path(args.input).stem
-        paths = predict_video(args.input, model, cfg, out, args.overlap, args.min_iou, args.score_threshold,
-                              args.top_k, args.video_id, args.device, not args.no_progress)
-    except (ValueError, OSError) as exc:  # VideoDecodeError, CheckpointError, ModelSourceError, ...
-        print(f"vistr predict: error: {exc}", file=sys.stderr)
-        return 1
-    print(f"model: {source}")
-    for name, path in paths.items():
-        print(f"{name}: {path}")
-    return 0

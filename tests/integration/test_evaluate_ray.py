@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from pipelines.evaluate import evaluate_model, split_rows
+from pipelines.model_source import load_model
 from vistr.checkpoint import save_checkpoint
 from vistr.config import load_config
 from vistr.data.video_io import read_image
 from vistr.evaluation import evaluate
 from vistr.inference import ClipPredictor
 from vistr.models import build_model
-from vistr.predict import default_overlap, load_model, predict_stream
+from vistr.predict import default_overlap, predict_stream
 
 pytestmark = pytest.mark.integration
 

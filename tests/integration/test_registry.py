@@ -15,6 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipelines.model_source import load_model
 from pipelines.registry import (
     CHALLENGER,
     CHAMPION,
@@ -31,7 +32,6 @@ from vistr.checkpoint import save_checkpoint
 from vistr.config import load_config
 from vistr.inference import ClipPredictor, tracks_to_results
 from vistr.models import build_model
-from vistr.predict import load_model
 
 pytestmark = pytest.mark.integration
 NAME = "test-registry"
