@@ -41,8 +41,9 @@ CLAIMS = {
 
 def run_panel(panel: str, work: Path, sets: dict) -> dict:
     """Run (or finish) the panel's CPU-scale campaign; its trials' metrics from MLflow."""
+    from pipelines.campaign import load_campaign, value_text
     from pipelines.tracking import client_for
-    from pipelines.tune import SETTING_TAG, child_runs, load_campaign, run_campaign, value_text
+    from pipelines.tune import SETTING_TAG, child_runs, run_campaign
 
     sets = {
         "tracking.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",

@@ -39,7 +39,7 @@ class Row:
 
 
 def _label(key: str, value: Any, labels: dict[str, dict[str, str]]) -> str:
-    from pipelines.tune import value_text
+    from pipelines.campaign import value_text
 
     text = value_text(value)
     return labels.get(key, {}).get(text, text)

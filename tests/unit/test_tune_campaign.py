@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.campaign import CampaignError, load_campaign
 from pipelines.report import Row, markdown_table, summarize
-from pipelines.tune import CampaignError, load_campaign, tune_space
+from pipelines.tune import tune_space
 from vistr.config import load_config
 
 PROJECT = Path(__file__).resolve().parents[2]
