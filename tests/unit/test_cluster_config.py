@@ -27,6 +27,8 @@ RAY_CLUSTER = ROOT / "ray_cluster.yaml"
 DOCKERFILE = ROOT / "infra" / "docker" / "Dockerfile"
 RAYCLUSTER = ROOT / "infra" / "k8s" / "raycluster.yaml"
 RAYJOB = ROOT / "infra" / "k8s" / "rayjob.yaml"
+SHARED_STORAGE = ROOT / "infra" / "k8s" / "shared-storage.yaml"
+JOB_SPECS = sorted((ROOT / "jobs" / "specs").glob("*.yaml"))
 COMPOSE = ROOT / "infra" / "mlflow" / "docker-compose.yaml"
 MLFLOW_K8S = ROOT / "infra" / "mlflow" / "k8s.yaml"
 
@@ -193,10 +195,46 @@ def test_ray_cluster_environment_and_storage(cluster):
     assert env["RAY_AUTH_MODE"] == "token"
     assert env["MLFLOW_TRACKING_URI"] == vistr["mlflow_tracking_uri"]
     assert env["VISTR_STORAGE_PATH"].startswith("s3://")
-    for key in ("storage_path", "shards_path"):
-        assert vistr[key].startswith(env["VISTR_STORAGE_PATH"] + "/"), f"{key} is outside the shared storage"
+    assert vistr["storage_path"].startswith(env["VISTR_STORAGE_PATH"] + "/"), "checkpoints outside the bucket"
+    assert vistr["shards_path"].startswith(vistr["shared_path"] + "/"), "shards outside the shared filesystem"
     # The token every node checks is the one the client generated and mounted.
     assert cluster["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+def docker_volumes(config: dict[str, Any]) -> dict[str, str]:
+    """`-v HOST:CONTAINER` entries of the launcher's docker run_options: container path -> host path."""
+    volumes = {}
+    for option in config["docker"]["run_options"]:
+        words = shlex.split(option)
+        if words[0] in ("-v", "--volume"):
+            host, container = words[1].split(":")[:2]
+            volumes[container] = host
+    return volumes
+
+
+def test_every_ray_node_mounts_the_shared_filesystem_where_jobs_look(cluster, raycluster):
+    """The stages read and write local paths (dataset, shards, campaigns); a job's driver and its
+    workers run on different nodes, so those paths must be one filesystem on every node."""
+    shared = cluster["metadata"]["vistr"]["shared_path"]
+    # ray up: the host mounts it before the container starts, and the container sees the same path.
+    init = " ".join(cluster["initialization_commands"])
+    assert re.search(rf"mount -t nfs4 .* \S+:/ {re.escape(shared)}(\s|$)", init), init
+    assert docker_volumes(cluster)[shared] == shared
+    # KubeRay: every Ray container mounts the ReadWriteMany claim of shared-storage.yaml there.
+    claims = {d["metadata"]["name"]: d for d in load_all(SHARED_STORAGE) if d["kind"] == "PersistentVolumeClaim"}
+    spec = raycluster["spec"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for container in pod["containers"]:
+            (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == shared]
+            claim = claims[volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]]
+            assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+            assert claim["metadata"]["namespace"] == raycluster["metadata"]["namespace"]
+    # Every absolute local path a job spec or the RayJob names is on that filesystem.
+    texts = [RAYJOB.read_text(), *(p.read_text() for p in JOB_SPECS)]
+    paths = {m for text in texts for m in re.findall(r"(?<![\w:/])(/mnt/[\w./-]+)", text)}
+    assert paths and all(p == shared or p.startswith(shared + "/") for p in paths), sorted(paths)
 
 
 def test_ray_cluster_installs_the_synced_checkout_where_the_image_has_it(cluster):
