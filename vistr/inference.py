@@ -76,8 +76,11 @@ def clip_tracks(
         h = round(masks.shape[-2] * valid_size[0] / padded_size[0])
         w = round(masks.shape[-1] * valid_size[1] / padded_size[1])
         masks = masks[..., :h, :w]
-    # in place: the upsampled logits are the largest tensor of the postprocess (T·n·H·W floats)
+    # in place: the upsampled logits are the largest tensor of the postprocess (T·n·H·W floats).
+    # On a GPU this runs there (36x10 masks at 300x540 are 58M values) and only the boolean masks
+    # cross to the CPU, where the stitcher and the RLE encoder need them.
     masks = F.interpolate(masks, size=tuple(orig_size), mode="bilinear", align_corners=False).sigmoid_() > 0.5
+    masks, frame_scores, frame_labels = masks.cpu(), frame_scores.cpu(), frame_labels.cpu()
     tracks = []
     for slot in range(num_slots):
         slot_masks = masks[:, slot]
@@ -281,13 +284,14 @@ class ClipPredictor:
 
     @torch.inference_mode()
     def forward(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``pred_logits [n·T, C+1]`` and ``pred_masks [n·T, h, w]`` (CPU) for up to T prepared frames;
-        fewer frames are cycled 0..L-1, 0, 1, ... up to T as in the official code."""
+        """``pred_logits [n·T, C+1]`` and ``pred_masks [n·T, h, w]`` for up to T prepared frames, left
+        on the model's device for :meth:`postprocess`; fewer frames are cycled 0..L-1, 0, 1, ... up
+        to T as in the official code."""
         if not 1 <= len(inputs) <= self.num_frames:
             raise ValueError(f"a clip needs 1..{self.num_frames} frames, got {len(inputs)}")
         clip = torch.stack([inputs[i % len(inputs)] for i in range(self.num_frames)]).to(self.device)
         out = self.model(clip[None])
-        return out["pred_logits"][0].float().cpu(), out["pred_masks"][0].float().cpu()
+        return out["pred_logits"][0].float(), out["pred_masks"][0].float()
 
     def postprocess(self, outputs: tuple[torch.Tensor, torch.Tensor], length: int, orig_size: tuple[int, int]) -> list[Track]:
         return clip_tracks(*outputs, self.num_slots, orig_size, length=length)

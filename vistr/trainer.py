@@ -155,7 +155,8 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def _loader(cfg: Config, root: str | Path, epoch: int) -> DataLoader:
+def _loader(cfg: Config, root: str | Path, epoch: int, pin_memory: bool = False) -> DataLoader:
+    """One epoch's batches; pinned on CUDA so the engine's non_blocking copy overlaps the step."""
     data = ClipDataset.from_config(cfg, "train", root=root)
     data.set_epoch(epoch)
     generator = torch.Generator().manual_seed(cfg.train.seed + epoch)
@@ -167,6 +168,7 @@ def _loader(cfg: Config, root: str | Path, epoch: int) -> DataLoader:
         num_workers=cfg.data.num_workers,
         collate_fn=collate_clips,
         drop_last=len(data) >= cfg.train.batch_size,
+        pin_memory=pin_memory,
     )
 
 
@@ -189,7 +191,7 @@ def fit(
         state.restore(checkpoint)
     deadline = None if cfg.train.max_minutes is None else time.monotonic() + 60 * cfg.train.max_minutes
     run_epochs(
-        cfg, state, lambda epoch: _loader(cfg, root, epoch),
+        cfg, state, lambda epoch: _loader(cfg, root, epoch, pin_memory=state.device.type == "cuda"),
         save=lambda st, record: st.save(checkpoint, cfg, st.epoch),
         time_up=lambda: deadline is not None and time.monotonic() >= deadline,
         deadline=deadline, on_log=on_log, validate=validate,
@@ -225,7 +227,7 @@ def validate_clips(
         for frames, target, length in clips:
             out = model(frames[None].to(device))
             tracks = clip_tracks(
-                out["pred_logits"][0].float().cpu(), out["pred_masks"][0].float().cpu(), num_slots,
+                out["pred_logits"][0], out["pred_masks"][0], num_slots,
                 tuple(target["orig_size"]), length=length,
             )  # fmt: skip
             results += tracks_to_results(tracks, target["video_id"])
