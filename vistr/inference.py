@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from vistr.config import Config
-from vistr.data.transforms import build_transforms
+from vistr.data.transforms import build_transforms, normalize_uint8
 from vistr.evaluation import encode_track
 
 NULL_FRAME_SCORE = 1e-3  # official: a frame whose best class probability is below this is null
@@ -274,13 +274,16 @@ class ClipPredictor:
         self.device = torch.device(device)
         self.num_frames = cfg.model.num_frames
         self.num_slots = cfg.model.num_slots
-        self._transform = build_transforms(cfg.data, train=False)
+        # Frames stay uint8 until they reach the model's device: a quarter of the bytes to copy,
+        # and on a GPU the normalisation runs there instead of in the decoding thread.
+        self._resize = build_transforms(cfg.data, train=False, normalize=False)
 
     def prepare(self, frame: np.ndarray) -> torch.Tensor:
-        """One uint8 RGB frame [H, W, 3] -> the normalised, resized model input [3, h, w]."""
+        """One uint8 RGB frame [H, W, 3] -> the resized uint8 model input [3, h, w]
+        (normalised in :meth:`forward`, on the model's device)."""
         if not frame.flags.writeable:  # Pillow's arrays are read-only; torch warns on those
             frame = frame.copy()
-        return self._transform(frame[None])[0][0]
+        return self._resize(frame[None])[0][0]
 
     @torch.inference_mode()
     def forward(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,8 +292,8 @@ class ClipPredictor:
         to T as in the official code."""
         if not 1 <= len(inputs) <= self.num_frames:
             raise ValueError(f"a clip needs 1..{self.num_frames} frames, got {len(inputs)}")
-        clip = torch.stack([inputs[i % len(inputs)] for i in range(self.num_frames)]).to(self.device)
-        out = self.model(clip[None])
+        clip = torch.stack([inputs[i % len(inputs)] for i in range(self.num_frames)])
+        out = self.model(normalize_uint8(clip.to(self.device))[None])
         return out["pred_logits"][0].float(), out["pred_masks"][0].float()
 
     def postprocess(self, outputs: tuple[torch.Tensor, torch.Tensor], length: int, orig_size: tuple[int, int]) -> list[Track]:

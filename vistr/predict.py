@@ -256,8 +256,8 @@ class OverlayWriter:
     """A sink that draws each finalised frame's masks (colour per track, running label and score)
     into an mp4 at the input's fps, and keeps a few sampled frames for the contact sheet."""
 
-    def __init__(self, path: Path, fps: float, length: int, sheet_frames: int = 8) -> None:
-        self.writer = VideoWriter(path, fps, threads=1)
+    def __init__(self, path: Path, fps: float, length: int, sheet_frames: int = 8, encoder_threads: int = 1) -> None:
+        self.writer = VideoWriter(path, fps, threads=encoder_threads)
         self.samples = set(sample_indices(length, sheet_frames))
         self.sheet: list[tuple[int, np.ndarray]] = []
 
@@ -309,7 +309,9 @@ def predict_video(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"results": out / "results.json", "overlay": out / "overlay.mp4", "sheet": out / "contact_sheet.png"}
-    overlay = OverlayWriter(paths["overlay"], info.fps, info.num_frames)
+    # x264's own threads only where cores are spare (a GPU model); beside a CPU model they slow it.
+    threads = 0 if stages_overlap(predictor.device) else 1
+    overlay = OverlayWriter(paths["overlay"], info.fps, info.num_frames, encoder_threads=threads)
     with tqdm(total=info.num_frames, unit="frame", desc=info.path.name, disable=not progress) as bar:
         try:
             stitcher = predict_stream(predictor, iter_frames(input_path), info.num_frames, overlap, min_iou,

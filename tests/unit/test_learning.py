@@ -21,9 +21,10 @@ from vistr.matcher import frame_pairs
 from vistr.models import build_model
 from vistr.optim import build_optimizer
 
-# CI-sized: on an idle 2-core machine the loss target is reached in ~60 s and the IoU target in
-# ~3 minutes (1000 steps); the loop stops as soon as both are reached.
-BUDGET_S = 300.0
+# A step budget, not a time budget, so a busy machine is slower but never fails it: the loss
+# target is reached in ~300 steps and the IoU target in ~1000 (~3 minutes on an idle 2-core
+# machine); the loop stops as soon as both are reached.
+MAX_EPOCHS = 200  # x 10 steps
 
 
 def _fixed_batches(root: Path, cfg) -> list[dict]:
@@ -73,7 +74,7 @@ def test_tiny_model_overfits_synthetic_clips(synth_root: Path) -> None:
     initial = evaluate(model, criterion, batches, device).losses["loss"]
 
     start, epoch, final, iou = time.monotonic(), 0, initial, 0.0
-    while time.monotonic() - start < BUDGET_S:
+    while epoch < MAX_EPOCHS:
         train_one_epoch(model, criterion, batches * 5, optimizer, device, epoch=epoch,
                         clip_max_norm=cfg.train.clip_max_norm)
         epoch += 1

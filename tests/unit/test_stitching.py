@@ -7,6 +7,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from vistr.config import load_config
+from vistr.data.transforms import MEAN, STD
 from vistr.evaluation import encode_track, evaluate
 from vistr.inference import ClipPredictor, Stitcher, Track, owned_bounds, plan_windows
 
@@ -157,9 +158,14 @@ class _RecordingModel(torch.nn.Module):
         super().__init__()
         self.frames, self.slots = frames, slots
 
+    @staticmethod
+    def frame_ids(clip):
+        """The uint8 value each input frame was filled with, undoing the predictor's normalisation."""
+        return ((clip[0, :, 0, 0, 0] * STD[0] + MEAN[0]) * 255).round()
+
     def forward(self, clip):
         self.clip = clip
-        ids = clip[0, :, 0, 0, 0]  # [T]
+        ids = self.frame_ids(clip)  # [T]
         masks = (ids[:, None, None, None] - 0.5).expand(self.frames, self.slots, 4, 4).reshape(1, -1, 4, 4)
         logits = torch.zeros(1, self.frames * self.slots, 6)
         return {"pred_logits": logits, "pred_masks": masks}
@@ -169,9 +175,10 @@ def test_short_clips_are_cycled_and_truncated_like_the_official_code():
     cfg = load_config("tiny_cpu")
     model = _RecordingModel(cfg.model.num_frames, cfg.model.num_slots)
     predictor = ClipPredictor(model, cfg)
-    inputs = [torch.full((3, 8, 8), float(i)) for i in range(4)]  # 4 < T = 6 frames, input i = id i
+    inputs = [torch.full((3, 8, 8), i, dtype=torch.uint8) for i in range(4)]  # 4 < T = 6 frames, input i = id i
     outputs = predictor.forward(inputs)
-    assert model.clip[0, :, 0, 0, 0].tolist() == [0, 1, 2, 3, 0, 1]
+    assert model.frame_ids(model.clip).tolist() == [0, 1, 2, 3, 0, 1]
+    assert model.clip[0, 1, 0, 0, 0].item() == pytest.approx((1 / 255 - MEAN[0]) / STD[0])  # normalised
     tracks = predictor.postprocess(outputs, length=4, orig_size=(8, 8))
     assert len(tracks) == cfg.model.num_slots and all(t.masks.shape == (4, 8, 8) for t in tracks)
     # frame 0 has logit -0.5 (empty), frames 1..3 positive (full)

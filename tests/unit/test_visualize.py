@@ -19,7 +19,7 @@ def test_overlay_blends_mask_pixels_only():
     mask = np.zeros((60, 80), bool)
     mask[20:50, 10:70] = True
     out = draw_overlay(frame, {2: mask}, labels={2: "cat 0.90"}, alpha=0.5)
-    expected = np.round(0.5 * 100 + 0.5 * np.array(track_colour(2)))
+    expected = (100 * 128 + np.array(track_colour(2)) * 128 + 128) // 256  # alpha 0.5 = 128/256, rounded
     assert (out[45, 40] == expected).all()  # inside the mask, away from the label at its top-left corner
     assert (out[5, 5] == 100).all() and (out[55, 75] == 100).all()  # outside: untouched
     assert (out[20:30, 10:30] != out[45, 40]).any()  # the label was drawn at the mask's corner
@@ -40,6 +40,19 @@ def test_labels_drop_trailing_words_to_stay_within_half_the_frame():
     assert _label_width(64, "#3 c2 0.87") <= 32  # a 64-px frame: only the words that fit
     assert _label_width(64, "#3 c2 0.87") >= short  # ...but never less than the first word
     assert _label_width(8, "#3 c2") == min(8, short)  # one word is kept even when it cannot fit
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 0.7, 1.0])
+def test_overlay_blend_is_the_weighted_mean_to_within_rounding(alpha):
+    frame = np.random.default_rng(1).integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    mask = np.zeros((6, 7), bool)
+    mask[2:, 3:] = True
+    out = draw_overlay(frame, {5: mask}, alpha=alpha).astype(float)
+    exact = (1 - alpha) * frame + alpha * np.array(track_colour(5))
+    assert np.abs(out[mask] - exact[mask]).max() <= 0.5 + 255 / 512  # rounding + alpha in 1/256ths
+    assert (out[~mask] == frame[~mask]).all()
+    if alpha in (0.0, 1.0):  # the ends are exact: the frame, or the colour
+        assert (out[mask] == exact[mask]).all()
 
 
 def test_overlay_without_masks_is_the_frame():
