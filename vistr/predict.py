@@ -1,12 +1,12 @@
 """Prediction on one video: a video file or frame folder in; results JSON, overlay video and contact sheet out.
 
-The video streams through three stages: decoding and resizing frames, the model (one window
-at a time, in the calling thread), and postprocessing (stitch, RLE-encode, draw and encode the
-overlay of the frames each window finalises). Where the model leaves CPU to spare (a GPU, or
-more cores than torch's threads) the first and last run in threads joined by bounded queues,
-so the model never waits; where the model's threads already fill every core they run inline,
-which measured faster than threads fighting OpenMP workers (:func:`stages_overlap`). Only a
-window of frames and one overlap of masks are ever held, whatever the video's length.
+The video streams through four stages: decoding and resizing frames, the model (one window at
+a time, in the calling thread), stitching (masks to the frame size, link windows, RLE-encode),
+and drawing and encoding the overlay of the frames each window finalises. Where the model
+leaves CPU to spare (a GPU, or more cores than torch's threads) the other three run in threads
+joined by bounded queues, so the model never waits; where the model's threads already fill
+every core they run inline, which measured faster than threads fighting OpenMP workers
+(:func:`stages_overlap`). Only a few windows of frames are ever held, whatever the video's length.
 
 Models come from a local checkpoint (ours or an official VisTR file, told apart by its keys);
 the ``vistr predict`` command (``pipelines.predict``) also takes MLflow URIs.
@@ -33,7 +33,9 @@ from vistr.models.inference_opt import optimize_for_inference
 from vistr.visualize import contact_sheet, draw_overlay, sample_indices
 
 OFFICIAL_NUM_FRAMES = 36  # T of the released checkpoints (FACTS.md §a)
-Sink = Callable[[OwnedFrames, list[np.ndarray], Stitcher], None]
+# sink(owned frames, their decoded RGB frames, {track id: (category id, score) so far}): a snapshot
+# rather than the live stitcher, so the sink can run in its own thread, behind the stitcher.
+Sink = Callable[[OwnedFrames, list[np.ndarray], dict[int, tuple[int, float]]], None]
 
 
 # ---------------------------------------------------------------- models
@@ -122,7 +124,7 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> None:
 
 
 def _offer(q: queue.Queue, item: Any, failure: list[BaseException]) -> bool:
-    """Put ``item`` as soon as there is room (a blocking put wakes at once), unless the consumer
+    """Put ``item`` as soon as there is room (a blocking put wakes at once), unless a stage
     has failed meanwhile; returns whether it was put."""
     while not failure:
         try:
@@ -131,6 +133,37 @@ def _offer(q: queue.Queue, item: Any, failure: list[BaseException]) -> bool:
         except queue.Full:
             continue
     return False
+
+
+class _StageThread:
+    """A consumer thread running ``work(item)`` for each offered item, in order, one item queued.
+
+    The first exception of any stage goes to the shared ``failure`` list (re-raised by the caller)
+    and stops every stage from taking more work; items still queued are drained, not processed.
+    """
+
+    def __init__(self, work: Callable[[Any], None], name: str, failure: list[BaseException]) -> None:
+        self.work, self.failure = work, failure
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.thread = threading.Thread(target=self._run, daemon=True, name=name)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.failure:
+                continue
+            try:
+                self.work(item)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+                self.failure.append(exc)
+
+    def offer(self, item: Any) -> bool:
+        return _offer(self.queue, item, self.failure)
+
+    def close(self) -> None:
+        """Finish the queued work and end the thread (the consumer drains, so this put returns)."""
+        self.queue.put(None)
+        self.thread.join()
 
 
 def _ahead(items: Iterable[Any], size: int, stop: threading.Event) -> Iterator[Any]:
@@ -184,41 +217,43 @@ def predict_stream(
     """Run a ``length``-frame video through windows of the model's T frames overlapping by
     ``overlap``; returns the finished :class:`Stitcher` (``.results(video_id)`` gives the JSON).
 
-    ``sink(owned, raw_frames, stitcher)`` receives each window's finalised frames (for overlays),
-    ``progress(n)`` the number of frames finalised. ``concurrent`` runs decoding and
-    postprocessing in threads beside the model (default: :func:`stages_overlap`); results are
-    identical either way.
+    ``sink(owned, raw_frames, tracks)`` receives each window's finalised frames and their tracks'
+    (category, score) so far (for overlays), ``progress(n)`` the number of frames finalised.
+    ``concurrent`` runs decoding, stitching and the sink in threads beside the model (default:
+    :func:`stages_overlap`); results, overlays included, are identical either way.
     """
     if concurrent is None:
         concurrent = stages_overlap(predictor.device)
     windows = plan_windows(length, predictor.num_frames, overlap)
     stitcher = Stitcher(windows, min_iou=min_iou)
     stop = threading.Event()
-    posts: queue.Queue = queue.Queue(maxsize=1)  # one window in flight behind the model
     failure: list[BaseException] = []
+
+    def draw(job: tuple) -> None:
+        sink(*job)
+        if progress is not None:
+            progress(job[0].count)
 
     def postprocess(job: tuple) -> None:
         (start, end), outputs, size, raws = job
         owned = stitcher.add(predictor.postprocess(outputs, end - start, size))
-        if sink is not None:
-            sink(owned, raws[owned.first - start: owned.first - start + owned.count], stitcher)
-        if progress is not None:
-            progress(owned.count)
-
-    def postprocess_queued() -> None:
-        while (job := posts.get()) is not None:
-            if failure:
-                continue
-            try:
-                postprocess(job)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
-                failure.append(exc)
+        if sink is None:
+            if progress is not None:
+                progress(owned.count)
+            return
+        summary = {tid: (stitcher.tracks[tid].category_id, stitcher.tracks[tid].score) for tid in owned.masks}
+        drawing = (owned, raws[owned.first - start: owned.first - start + owned.count], summary)
+        if drawer is None:
+            draw(drawing)
+        else:
+            drawer.offer(drawing)  # refused only after a failure, which the caller re-raises
 
     decoded: Iterator = ((f, predictor.prepare(f)) for f in frames)
-    worker: threading.Thread | None = None
+    # Concurrent: decode | model (this thread) | stitch | draw + encode (the sink), one thread each,
+    # each a window ahead of the next; the sink is the slowest stage on a GPU (overlay + x264).
+    drawer = _StageThread(draw, "vistr-sink", failure) if concurrent and sink is not None else None
+    post = _StageThread(postprocess, "vistr-post", failure) if concurrent else None
     if concurrent:
-        worker = threading.Thread(target=postprocess_queued, daemon=True, name="vistr-post")
-        worker.start()
         decoded = _ahead(decoded, predictor.num_frames + 2, stop)
     buffer: dict[int, tuple[np.ndarray | None, torch.Tensor]] = {}
     size: tuple[int, int] = (0, 0)
@@ -232,18 +267,18 @@ def predict_stream(
                 buffer[start + len(buffer)] = (item[0] if sink is not None else None, item[1])
             outputs = predictor.forward([buffer[i][1] for i in range(start, end)])
             job = ((start, end), outputs, size, [buffer[i][0] for i in range(start, end)])
-            if not concurrent:
+            if post is None:
                 postprocess(job)
-            elif not _offer(posts, job, failure):
+            elif not post.offer(job):
                 break
             keep_from = windows[w + 1][0] if w + 1 < len(windows) else end
             for i in range(start, keep_from):
                 buffer.pop(i)
     finally:
         stop.set()
-        if worker is not None:
-            posts.put(None)
-            worker.join()
+        for stage in (post, drawer):  # in pipeline order: the stitcher's last windows reach the sink
+            if stage is not None:
+                stage.close()
     if failure:
         raise failure[0]
     return stitcher
@@ -261,9 +296,8 @@ class OverlayWriter:
         self.samples = set(sample_indices(length, sheet_frames))
         self.sheet: list[tuple[int, np.ndarray]] = []
 
-    def __call__(self, owned: OwnedFrames, raws: list[np.ndarray], stitcher: Stitcher) -> None:
-        labels = {tid: f"#{tid} c{stitcher.tracks[tid].category_id} {stitcher.tracks[tid].score:.2f}"
-                  for tid in owned.masks}
+    def __call__(self, owned: OwnedFrames, raws: list[np.ndarray], tracks: dict[int, tuple[int, float]]) -> None:
+        labels = {tid: f"#{tid} c{category} {score:.2f}" for tid, (category, score) in tracks.items()}
         for i, raw in enumerate(raws):
             frame = draw_overlay(raw, {tid: m[i].numpy() for tid, m in owned.masks.items()}, labels)
             self.writer.write(frame)

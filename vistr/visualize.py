@@ -57,7 +57,8 @@ def draw_overlay(
     keep = np.full(len(colours), 256 - a, np.uint16)
     keep[0] = 256  # index 0: no mask, the pixel is unchanged
     add = (colours * (256 - keep)[:, None] + 128).astype(np.uint16)
-    out = ((frame * keep[index][..., None] + add[index]) >> 8).astype(np.uint8)
+    # np.take, not add[index]: numpy's fancy indexing of a 2-D table was 4x slower (1.6 vs 0.4 ms).
+    out = ((frame * keep[index][..., None] + np.take(add, index, axis=0)) >> 8).astype(np.uint8)
     for tid in order if labels else ():
         if tid in labels:
             _paste(out, _label_patch(labels[tid], track_colour(tid), frame.shape[1] // 2), *corners[tid])

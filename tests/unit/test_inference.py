@@ -1,5 +1,7 @@
 """Clip postprocess against a hand-computed example (FACTS.md §e); the streaming pipeline against a plain loop."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -112,9 +114,15 @@ def test_streaming_pipeline_equals_a_plain_loop(concurrent):
     cfg = load_config("tiny_cpu")
     predictor = ClipPredictor(_PixelModel(cfg.model.num_frames, cfg.model.num_slots), cfg)
     frames = _frames(15)
-    seen = []
-    stitcher = predict_stream(predictor, iter(frames), len(frames), overlap=2,
-                              sink=lambda owned, raws, _: seen.append((owned.first, len(raws))), concurrent=concurrent)
+    seen, tracks_seen, threads = [], [], set()
+
+    def sink(owned, raws, tracks):
+        seen.append((owned.first, len(raws)))
+        tracks_seen.append(tracks)
+        threads.add(threading.current_thread().name)
+
+    stitcher = predict_stream(predictor, iter(frames), len(frames), overlap=2, sink=sink, concurrent=concurrent)
+    assert threads == ({"vistr-sink"} if concurrent else {threading.current_thread().name})
     windows = plan_windows(len(frames), cfg.model.num_frames, 2)
     reference = Stitcher(windows)
     for start, stop in windows:
@@ -123,6 +131,12 @@ def test_streaming_pipeline_equals_a_plain_loop(concurrent):
     results = stitcher.results(3)  # not a trivial comparison: several tracks, some across windows
     assert len(results) >= 2 and max(sum(f is not None for f in r["segmentations"]) for r in results) > 6
     assert seen == [(reference.bounds[w], reference.bounds[w + 1] - reference.bounds[w]) for w in range(len(windows))]
+    # The sink sees each window's tracks as they stood when it was stitched, not later: the
+    # labels it draws do not depend on how far the stitcher has run ahead of it.
+    replay = Stitcher(windows)
+    for (start, stop), tracks in zip(windows, tracks_seen, strict=True):
+        owned = replay.add(predictor(np.stack(frames[start:stop])))
+        assert tracks == {t: (replay.tracks[t].category_id, replay.tracks[t].score) for t in owned.masks}
 
 
 @pytest.mark.parametrize("concurrent", [True, False], ids=["threads", "inline"])
