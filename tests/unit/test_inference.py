@@ -169,3 +169,29 @@ def test_stages_overlap_only_when_the_model_leaves_a_core(monkeypatch):
     assert predict.stages_overlap("cuda")  # GPU model: the CPU is free for decoding
     monkeypatch.setattr(predict.os, "cpu_count", lambda: threads + 1)
     assert predict.stages_overlap("cpu")
+
+
+def test_overlay_writer_draws_in_parallel_but_writes_in_order(tmp_path):
+    """draw_threads only changes who draws: the video and the contact sheet are frame for frame
+    those of the sequential writer (a reordered frame would differ: each frame has its own content)."""
+    from vistr.data.video_io import iter_frames
+    from vistr.inference import OwnedFrames
+    from vistr.predict import OverlayWriter
+
+    frames = _frames(10)
+    masks = torch.zeros(10, 48, 64, dtype=torch.bool)
+    for t in range(10):
+        masks[t, 10:30, 4 * t: 4 * t + 20] = True
+    outputs = {}
+    for threads in (1, 3):
+        writer = OverlayWriter(tmp_path / f"o{threads}.mp4", 10.0, 10, sheet_frames=4, draw_threads=threads)
+        for first in (0, 5):
+            writer(OwnedFrames(first, 5, {7: masks[first: first + 5]}), frames[first: first + 5], {7: (2, 0.9)})
+        writer.close(tmp_path / f"s{threads}.png")
+        outputs[threads] = (list(iter_frames(tmp_path / f"o{threads}.mp4")), writer.sheet)
+    (video1, sheet1), (video3, sheet3) = outputs[1], outputs[3]
+    assert len(video1) == len(video3) == 10
+    assert all(np.array_equal(a, b) for a, b in zip(video1, video3, strict=True))
+    assert [i for i, _ in sheet1] == [i for i, _ in sheet3] == [0, 3, 6, 9]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(sheet1, sheet3, strict=True))
+    assert not np.array_equal(video1[0], video1[9])  # frames differ, so order is tested
