@@ -1,4 +1,4 @@
-"""End-to-end speed of ``vistr predict`` against the model alone, on this CPU.
+"""End-to-end speed of ``vistr predict`` against the model alone, on this CPU (or ``--device cuda``).
 
 For each case a video is generated (moving shapes, H.264 mp4) and a random-weight model built.
 *Model-only* time is the model's forward over exactly the windows ``vistr predict`` runs (inputs
