@@ -218,5 +218,5 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but CUDA is not available; use 'cpu' or 'auto'")
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU here; use 'cpu' or 'auto'")
     return device

@@ -140,3 +140,14 @@ def test_nan_gradient_with_finite_loss_stops_before_the_update() -> None:
     with pytest.raises(NonFiniteLossError, match=r"gradient norm at epoch 0 step 0 on videos \[0, 1\]"):
         train_one_epoch(model, SqrtOfNothing(), _batches(2), opt, torch.device("cpu"), clip_max_norm=0.1)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+
+
+def test_resolve_device_refuses_cuda_without_a_gpu(monkeypatch):
+    from vistr.engine import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device 'cuda:1' asked for, but torch sees no CUDA GPU"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
