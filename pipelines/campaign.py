@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from vistr.config import Config, ConfigError, load_config, unknown_key_message
-from vistr.data.shards import preprocess_settings, settings_hash
+from vistr.data.shard_settings import preprocess_settings, settings_hash
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STORAGE = PROJECT_ROOT / "runs" / "campaigns"

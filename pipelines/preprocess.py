@@ -36,8 +36,7 @@ from typing import Any
 
 from pipelines.ray_runtime import connect
 from vistr.config import Config, ConfigError, load_config
-from vistr.data.shards import SCHEMA_VERSION, preprocess_settings, settings_hash
-from vistr.data.transforms import resized_size
+from vistr.data.shard_settings import SCHEMA_VERSION, preprocess_settings, settings_hash
 from vistr.data.ytvis import YTVIS, AnnotationError
 
 FAIL_ENV = "VISTR_FAIL_AFTER_SHARDS"
@@ -100,6 +99,8 @@ def plan_shards(
     source: SplitSource, data: dict[str, Any], settings: dict[str, Any], shard_mb: float, start: int
 ) -> list[dict[str, Any]]:
     """Pack the split's videos, in file order, into shards of about ``shard_mb`` (estimated bytes)."""
+    from vistr.data.transforms import resized_size  # torchvision: not at import, so --help stays quick
+
     ytvis = YTVIS(data, str(source.ann_file))  # full validation before any work is scheduled
     budget = shard_mb * 2**20
     groups: list[list[int]] = []

@@ -33,13 +33,12 @@ from torchvision.transforms import v2
 
 from vistr.config import Config
 from vistr.data.clips import collate_clips, permute_clip
+from vistr.data.shard_settings import preprocess_settings, settings_hash
 from vistr.data.shards import (
     COLUMNS,
     ShardSchemaError,
     check_schema_version,
     decode_clip,
-    preprocess_settings,
-    settings_hash,
 )
 from vistr.data.transforms import ClipTransform, build_transforms
 

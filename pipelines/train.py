@@ -180,7 +180,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     import ray.train.torch
 
     from pipelines.tracking import log_metrics
-    from vistr.data.shards import SCHEMA_VERSION
+    from vistr.data.shard_settings import SCHEMA_VERSION
     from vistr.engine import NonFiniteLossError
     from vistr.trainer import build_state, run_epochs
 

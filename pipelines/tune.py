@@ -26,7 +26,7 @@ from typing import Any
 
 from pipelines.campaign import DEFAULT_STORAGE, Campaign, CampaignError, load_campaign
 from vistr.config import Config, ConfigError, from_dict, parse_overrides, save_config
-from vistr.data.shards import preprocess_settings, settings_hash
+from vistr.data.shard_settings import preprocess_settings, settings_hash
 
 PARENT_TAG, DIR_TAG, TRIAL_TAG, SETTING_TAG = (
     "vistr_campaign",

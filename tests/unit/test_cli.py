@@ -51,3 +51,21 @@ def test_the_requested_command_is_the_first_word_that_is_not_an_option() -> None
     assert requested_command(["-h"]) == ""
     assert requested_command(["train", "cfg.yaml", "--resume"]) == "train"
     assert requested_command(["--help", "predict"]) == "predict"
+
+
+def test_subcommand_help_does_not_import_torch() -> None:
+    """`vistr CMD --help` answers at once (torch alone takes ~1 s to import): only `train`, whose
+    module is the Ray Train worker, loads it at import."""
+    code = (
+        "import sys; from vistr.cli import COMMANDS, main\n"
+        "heavy = []\n"
+        "for name in COMMANDS:\n"
+        "    if name == 'train':\n"
+        "        continue\n"
+        "    try: main([name, '--help'])\n"
+        "    except SystemExit: pass\n"
+        "    if 'torch' in sys.modules: heavy.append(name); break\n"
+        "print(heavy, file=sys.stderr); sys.exit(bool(heavy))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

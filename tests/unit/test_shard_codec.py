@@ -18,18 +18,16 @@ from pipelines.shards import (
 )
 from vistr.config import load_config
 from vistr.data.clips import build_target, clip_frame_ids, load_clip
+from vistr.data.shard_settings import SCHEMA_VERSION, preprocess_settings, settings_hash
 from vistr.data.shards import (
     COLUMNS,
-    SCHEMA_VERSION,
     ShardSchemaError,
     check_schema_version,
     decode_clip,
     encode_clip,
     pack_masks,
-    preprocess_settings,
     preprocess_transform,
     read_annotated_video,
-    settings_hash,
     unpack_masks,
     video_clip_rows,
 )

@@ -13,8 +13,6 @@ instance-frame (``np.packbits`` of the H·W pixels), 8x smaller than bool.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,14 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from vistr.config import Config, DataConfig
+from vistr.config import DataConfig
 from vistr.data.clips import build_target, clip_frame_ids
+from vistr.data.shard_settings import SCHEMA_VERSION
 from vistr.data.transforms import ClipTransform, build_transforms
 from vistr.data.video_io import VideoDecodeError, read_frames
 from vistr.data.ytvis import YTVIS, AnnotationError
 
-# Bump whenever a column is added, removed, or changes meaning or encoding.
-SCHEMA_VERSION = 1
 # Column order of a shard file (and of the dict ``encode_clip`` returns).
 COLUMNS = (
     "video_id",  # int64
@@ -53,26 +50,6 @@ COLUMNS = (
 
 class ShardSchemaError(ValueError):
     """A shard row, file or manifest does not match what this code reads; the message says why."""
-
-
-def preprocess_settings(cfg: Config) -> dict[str, int | None]:
-    """The config values that determine shard contents, and nothing else.
-
-    Augmentation parameters are applied when shards are *read*, so changing them must not
-    invalidate preprocessed data; changing T, the resolution or the stride must.
-    """
-    return {
-        "num_frames": cfg.model.num_frames,
-        "min_size": cfg.data.min_size,
-        "max_size": cfg.data.max_size,
-        "clip_stride": cfg.data.clip_stride,
-    }
-
-
-def settings_hash(settings: dict[str, Any]) -> str:
-    """Stable hash of ``preprocess_settings`` (+ schema version): the manifest's ``config_hash``."""
-    payload = json.dumps({"schema_version": SCHEMA_VERSION, **settings}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def preprocess_transform(data: DataConfig) -> ClipTransform:
