@@ -11,7 +11,7 @@ import torch
 
 from vistr.config import DataConfig, load_config
 from vistr.data.clips import load_clip
-from vistr.data.transforms import MEAN, STD, build_transforms, resized_size
+from vistr.data.transforms import MEAN, STD, build_transforms, normalize_uint8, resized_size
 from vistr.data.ytvis import YTVIS, mask_bbox
 
 
@@ -184,3 +184,15 @@ def test_clip_without_instances(clips) -> None:
     torch.manual_seed(0)
     out, t = build_transforms(load_config("tiny_cpu").data, train=True)(frames, empty)
     assert t["masks"].shape == (0, 5, *out.shape[-2:]) and t["boxes"].shape == (0, 5, 4)
+
+
+def test_normalize_uint8_is_bitwise_torchvisions_todtype_and_normalize():
+    """Inference normalises on the model's device with this function; training and the former
+    inference path used torchvision's transforms: the two must give the same floats exactly."""
+    from torchvision.transforms import v2
+
+    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 3, 17, 23), dtype=np.uint8))
+    reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])(frames)
+    ours = normalize_uint8(frames)
+    assert ours.dtype == torch.float32 and torch.equal(ours, reference)
+    assert frames.dtype == torch.uint8  # the input is not modified
