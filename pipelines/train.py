@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from pipelines.ray_runtime import connect
+from vistr import storage as fsio
 from vistr.config import Config, ConfigError, from_dict, load_config
 
 FAIL_ENV = "VISTR_FAIL_AT_STEP"
@@ -49,43 +50,6 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 class TrainError(RuntimeError):
     """The training run failed or cannot start; the message says why and what to do."""
-
-
-# ---------------------------------------------------------------- run storage (local or URI)
-
-
-def _fs(uri: str) -> tuple[Any, str]:
-    import pyarrow.fs
-
-    if "://" not in uri:
-        return pyarrow.fs.LocalFileSystem(), str(Path(uri).resolve())
-    return pyarrow.fs.FileSystem.from_uri(uri)
-
-
-def storage_exists(uri: str) -> bool:
-    import pyarrow.fs
-
-    fs, path = _fs(uri)
-    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
-
-
-def storage_write(uri: str, text: str) -> None:
-    fs, path = _fs(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as out:
-        out.write(text.encode())
-
-
-def storage_read(uri: str) -> str:
-    fs, path = _fs(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read().decode()
-
-
-def storage_delete(uri: str) -> None:
-    if storage_exists(uri):
-        fs, path = _fs(uri)
-        fs.delete_file(path)
 
 
 # ---------------------------------------------------------------- worker side
@@ -188,8 +152,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     run_dir, nonfinite = loop["run_dir"], f"{loop['run_dir']}/{NONFINITE_MARKER}"
-    if storage_exists(nonfinite):  # a restart after a NaN loss: stop, the driver reports it
-        return {"stopped": "nonfinite", "message": storage_read(nonfinite)}
+    if fsio.exists(nonfinite):  # a restart after a NaN loss: stop, the driver reports it
+        return {"stopped": "nonfinite", "message": fsio.read_text(nonfinite)}
 
     device = ray.train.torch.get_device()
     state = build_state(cfg, device, wrap=ray.train.torch.prepare_model)
@@ -255,8 +219,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
     fail_at, fail_marker = loop["fail_at_step"], f"{run_dir}/injected_failure.txt"
 
     def before_step(step: int) -> None:
-        if fail_at is not None and step == fail_at and rank == world - 1 and not storage_exists(fail_marker):
-            storage_write(fail_marker, f"{FAIL_ENV}={fail_at}: rank {rank} killed before step {step + 1}\n")
+        if fail_at is not None and step == fail_at and rank == world - 1 and not fsio.exists(fail_marker):
+            fsio.write_text(fail_marker, f"{FAIL_ENV}={fail_at}: rank {rank} killed before step {step + 1}\n")
             os._exit(1)  # a worker dying mid-epoch, not an exception it could handle
 
     score = loop["score_attribute"]
@@ -266,7 +230,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
         if score is not None:
             metrics.setdefault(score, float("nan"))  # not validated this epoch: first to be dropped
         if loop["trace_data"]:
-            storage_write(f"{run_dir}/{TRACE_DIR}/epoch{st.epoch:03d}-rank{rank}.json", json.dumps(seen))
+            fsio.write_text(f"{run_dir}/{TRACE_DIR}/epoch{st.epoch:03d}-rank{rank}.json", json.dumps(seen))
         if rank != 0:  # only rank 0's metrics and checkpoint are kept
             ray.train.report(metrics)
             return
@@ -284,7 +248,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> dict[str, Any]:
         run_epochs(cfg, state, batches, save, time_up=time_up, on_log=on_log, validate=validate,
                    before_step=before_step)  # fmt: skip
     except NonFiniteLossError as exc:
-        storage_write(nonfinite, f"rank {rank}: {exc}\n")
+        fsio.write_text(nonfinite, f"rank {rank}: {exc}\n")
         raise
     return {"stopped": "done", "epoch": state.epoch, "global_step": state.global_step}
 
@@ -373,20 +337,20 @@ def train(
     t = cfg.train
     shared = os.environ.get(STORAGE_ENV)  # set by the cluster image / manifests (ray_cluster.yaml)
     storage = t.storage_path or (f"{shared.rstrip('/')}/ray" if shared else str(PROJECT_ROOT / "runs" / "ray"))
-    storage = storage if "://" in storage else str(Path(storage).resolve())
+    storage = fsio.canonical(storage)
     if resume and name and name != resume:
         raise TrainError(f"--name {name} and --resume {resume} differ; --resume NAME alone continues a run")
     name = resume or name or time.strftime("vistr-%Y%m%d-%H%M%S")
     run_dir = f"{storage}/{name}"
-    if resume and not storage_exists(run_dir):
+    if resume and not fsio.exists(run_dir):
         raise TrainError(f"--resume {resume}: no run {run_dir}; check --storage and the name")
-    if not resume and storage_exists(run_dir):
+    if not resume and fsio.exists(run_dir):
         raise TrainError(f"{run_dir} already exists: pass --resume {name} to continue it, or another --name")
     shards = Path(shards)
     shard_files(shards, cfg, "train")  # manifest, schema and settings checked before any Ray work
     val = _validation_setup(cfg, shards, val_ann)
     if resume:
-        storage_delete(f"{run_dir}/{NONFINITE_MARKER}")
+        fsio.delete(f"{run_dir}/{NONFINITE_MARKER}")
 
     import ray.data
     import ray.train

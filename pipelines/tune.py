@@ -103,7 +103,8 @@ def run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines.tracking import client_for
-    from pipelines.train import storage_exists, train
+    from pipelines.train import train
+    from vistr import storage as fsio
 
     trial_id = tune.get_context().get_trial_id()
     cfg = from_dict(plan["config"], f"campaign {plan['name']}").with_overrides(params, f"trial {trial_id}")
@@ -113,7 +114,7 @@ def run_trial(params: dict[str, Any], plan: dict[str, Any]) -> None:
         tune.report(dict(done[-1].data.metrics))
         return
     name = f"{plan['name']}_{trial_id}"
-    again = storage_exists(f"{plan['train_storage']}/{name}")  # an interrupted trial: its run continues
+    again = fsio.exists(f"{plan['train_storage']}/{name}")  # an interrupted trial: its run continues
     tags = {"mlflow.parentRunId": plan["parent_run_id"], PARENT_TAG: plan["name"], TRIAL_TAG: trial_id,
             SETTING_TAG: json.dumps(params, sort_keys=True)}  # fmt: skip
     train(cfg, plan["shards"][settings_hash(preprocess_settings(cfg))], name=None if again else name,

@@ -173,10 +173,11 @@ def _preprocess(p: Plan, client: Any, run_id: str, inputs: list[dict]) -> dict[s
 
 def _train(p: Plan, client: Any, inputs: list[dict]) -> dict[str, Any]:
     """Train creates its own (child) run; a half-done run of the same hash is resumed, not redone."""
-    from pipelines.train import storage_exists, train
+    from pipelines.train import train
+    from vistr import storage as fsio
 
     storage, name = str(Path(p.out) / "ray"), f"train-{p.hashes['train']}"
-    resume = name if storage_exists(f"{storage}/{name}") else None
+    resume = name if fsio.exists(f"{storage}/{name}") else None
     _maybe_fail(p, "train")
     outcome = train(p.config, inputs[0]["shards"], name=None if resume else name, resume=resume,
                     storage=storage, run_tags=_step_tags(p, "train"))  # fmt: skip
