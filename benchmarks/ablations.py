@@ -22,7 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO_ROOT, RESULTS_DIR, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    REPO_ROOT,
+    RESULTS_DIR,
+    add_provenance_arguments,
+    require_clean_tree,
+    write_results,
+)
 
 STATS = ("AP", "AP50", "AP75", "AR1", "AR10")
 # Paper Table 1, % (setting value -> AP, AP50, AP75, AR1, AR10), in the paper's row order.
@@ -149,7 +155,9 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override"
     )
+    add_provenance_arguments(parser)
     args = parser.parse_args()
+    require_clean_tree(args.allow_dirty)
     import yaml
 
     sets = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}

@@ -7,6 +7,7 @@ are comparable — timings on a shared machine are noisy, so the load is recorde
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -50,6 +51,34 @@ def git_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+dirty" if dirty else "")
+
+
+_allow_dirty = False  # set by require_clean_tree(--allow-dirty); recorded in every result written
+
+
+def add_provenance_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--allow-dirty``: the one way to record a result that no commit can reproduce."""
+    parser.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="record results from a tree with uncommitted changes (marked so in the JSON)",
+    )
+
+
+def require_clean_tree(allow_dirty: bool) -> None:
+    """Refuse to start a benchmark on uncommitted code, before any time is spent on it.
+
+    A result is only worth keeping if its ``git_commit`` reproduces it; ``--allow-dirty`` is for
+    trying things out, and the JSON then says ``"allow_dirty": true``.
+    """
+    global _allow_dirty
+    _allow_dirty = allow_dirty
+    commit = git_commit()
+    if commit and commit.endswith("+dirty") and not allow_dirty:
+        raise SystemExit(
+            f"error: the tree has uncommitted changes ({commit}); commit them first so the result "
+            "can be reproduced, or pass --allow-dirty (recorded in the results)"
+        )
 
 
 def machine() -> dict[str, Any]:
@@ -110,11 +139,18 @@ def run_isolated(module: str, args: Sequence[str], timeout: float | None = None)
 
 def write_results(name: str, results: Any, extra: dict[str, Any] | None = None) -> Path:
     """Write ``benchmarks/results/NAME.json`` = {benchmark, time, machine, git_commit, results, ...}."""
+    commit = git_commit()
+    if commit and commit.endswith("+dirty") and not _allow_dirty:
+        raise SystemExit(
+            f"error: not writing {name}.json: the tree changed while the benchmark ran ({commit}); "
+            "re-run from a clean commit, or pass --allow-dirty"
+        )
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": name,
         "utc_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "git_commit": git_commit(),
+        "git_commit": commit,
+        **({"allow_dirty": True} if commit and commit.endswith("+dirty") else {}),
         "machine": machine(),
         **(extra or {}),
         "results": results,

@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
-import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 from pycocotools import mask as mu
 
+from benchmarks.common import add_provenance_arguments, require_clean_tree, write_results
 from vistr.evaluation import REC_THRS, STAT_NAMES, encode_track, evaluate
 
 H, W, T = 100, 180, 36
@@ -223,7 +220,9 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=300)
     parser.add_argument("--repeat", type=int, default=3, help="report the best of N runs (the CPU may be shared)")
     parser.add_argument("--skip-official", action="store_true")
+    add_provenance_arguments(parser)
     args = parser.parse_args()
+    require_clean_tree(args.allow_dirty)
     gt40, res40 = make_case(args.videos)
     rows = []
     for name, (gt, res) in {"40 categories": (gt40, res40), "1 category": one_category(gt40, res40)}.items():
@@ -236,14 +235,8 @@ def main() -> None:
                     "identical": all(ours[k] == off[k] for k in STAT_NAMES),
                     "max_abs_diff": max(abs(ours[k] - off[k]) for k in STAT_NAMES)}
         rows.append(row)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = {"benchmark": "evaluate", "videos": args.videos, "frames": T, "frame_size": [H, W],
-              "gt_per_video": 5, "predictions_per_video": 10, "repeat": args.repeat, "cases": rows,
-              "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-                          "numpy": np.__version__}, "git_commit": commit}
-    out = Path(__file__).parent / "results" / "evaluate.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_results("evaluate", rows, {"videos": args.videos, "frames": T, "frame_size": [H, W],
+                                           "gt_per_video": 5, "predictions_per_video": 10, "repeat": args.repeat})
     nan = float("nan")
     print(f"{'case':<15} {'ours wall/cpu [s]':>18} {'official-style wall/cpu [s]':>28} {'speedup wall/cpu':>17} "
           f"{'identical':>10}  AP")

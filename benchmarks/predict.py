@@ -26,7 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import machine, print_table, write_results
+from benchmarks.common import (
+    add_provenance_arguments,
+    machine,
+    print_table,
+    require_clean_tree,
+    write_results,
+)
 from vistr.config import load_config
 from vistr.data.video_io import iter_frames, probe, write_video
 from vistr.inference import ClipPredictor, plan_windows
@@ -106,7 +112,9 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {list(CASES)}")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (best reported; paper_r50 at most 3)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (results go to predict_cuda.json)")
+    add_provenance_arguments(parser)
     args = parser.parse_args()
+    require_clean_tree(args.allow_dirty)
     rows = []
     with tempfile.TemporaryDirectory(prefix="vistr-bench-predict-") as tmp:
         for case in args.cases.split(","):
