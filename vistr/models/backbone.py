@@ -17,6 +17,7 @@ from torchvision import models
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from vistr.models.group_norm import AccurateGroupNorm
 from vistr.models.position_encoding import PositionEmbeddingSine3D
 
 # Channels of layer1..layer4 (strides 4, 8, 16, 32).
@@ -28,7 +29,8 @@ CHANNELS = {
 }
 TRAINABLE_LAYERS = ("layer2", "layer3", "layer4")
 # ResNet channel counts are multiples of 32, so GroupNorm(32, c) fits every layer.
-NORM_LAYERS = {"frozen_bn": FrozenBatchNorm2d, "group_norm": lambda channels: nn.GroupNorm(32, channels)}
+# AccurateGroupNorm: the inference copy runs the backbone channels-last (see group_norm.py).
+NORM_LAYERS = {"frozen_bn": FrozenBatchNorm2d, "group_norm": lambda channels: AccurateGroupNorm(32, channels)}
 
 
 class ResNetBackbone(nn.Module):

@@ -22,11 +22,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from vistr.models.deform_conv import deform_conv2d
+from vistr.models.group_norm import AccurateGroupNorm
 
 
 def group_norm(channels: int, max_groups: int) -> nn.GroupNorm:
-    """GroupNorm with gcd(max_groups, channels) groups (= max_groups for the official widths)."""
-    return nn.GroupNorm(math.gcd(max_groups, channels), channels)
+    """GroupNorm with gcd(max_groups, channels) groups (= max_groups for the official widths).
+
+    An ``AccurateGroupNorm``: the heads run channels-last, where PyTorch's own CPU GroupNorm
+    loses float32 precision on large groups (see ``vistr.models.group_norm``).
+    """
+    return AccurateGroupNorm(math.gcd(max_groups, channels), channels)
 
 
 def default_mask_dims(hidden_dim: int) -> list[int]:
