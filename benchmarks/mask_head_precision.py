@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import vistr.models.group_norm as group_norm
-from benchmarks.common import print_table, write_results
+from benchmarks.common import add_provenance_arguments, print_table, require_clean_tree, write_results
 from vistr.config import load_config
 from vistr.models import build_model
 from vistr.models.inference_opt import optimize_for_inference
@@ -87,7 +87,9 @@ def head_errors(frames: int, height: int, width: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
+    add_provenance_arguments(parser)
     args = parser.parse_args()
+    require_clean_tree(args.allow_dirty)
     errors = [head_errors(36, 300, 540), head_errors(16, 480, 864)]
     for row in errors:
         print(row)
